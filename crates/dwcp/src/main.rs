@@ -1,1 +1,167 @@
-fn main() {}
+//! `dwcp`: the node agent daemon and the command-line client.
+//!
+//! This crate only parses arguments, sets up logging and wires the library
+//! crates together; the work is done in `dwcp-agent`, `dwcp-api` and
+//! `dwcp-hypervisor`.
+
+mod cli;
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use dwcp_agent::{AccelChoice, AgentConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "dwcp",
+    version,
+    about = "A distributed hypervisor: one pool of VMs over many computers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent in the foreground.
+    Agent(AgentArgs),
+    /// Manage virtual machines on an agent.
+    Vm(cli::VmCommand),
+    /// Show facts about an agent's node.
+    Node(cli::NodeCommand),
+    /// Start a temporary agent, boot the test guest, pause and resume it.
+    Demo(demo::DemoArgs),
+    /// Print the agent's OpenAPI document.
+    Openapi,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// TOML config file (flags and environment override it).
+    #[arg(long, env = "DWCP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the store, VM files and sockets live [default: /var/lib/dwcp].
+    #[arg(long, env = "DWCP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address for the REST API [default: 127.0.0.1:7480].
+    #[arg(long, env = "DWCP_LISTEN")]
+    api: Option<SocketAddr>,
+    /// This node's name [default: the host name].
+    #[arg(long, env = "DWCP_NODE_NAME")]
+    node_name: Option<String>,
+    /// auto (KVM if it really boots a guest, else TCG), kvm or tcg.
+    #[arg(long, env = "DWCP_ACCEL")]
+    accel: Option<AccelChoice>,
+    /// The QEMU system emulator [default: qemu-system-x86_64].
+    #[arg(long, env = "DWCP_QEMU")]
+    qemu: Option<PathBuf>,
+    /// Directory with the test guest (vmlinuz, initrd.img), booted under KVM
+    /// to prove that KVM works.
+    #[arg(long, env = "DWCP_PROBE_GUEST_DIR")]
+    probe_guest_dir: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    /// flag > env (both via clap) > file > default.
+    fn config(self) -> anyhow::Result<AgentConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => AgentConfig::from_file(path)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(v) = self.data_dir {
+            cfg.data_dir = v;
+        }
+        if let Some(v) = self.api {
+            cfg.api = v;
+        }
+        if let Some(v) = self.node_name {
+            cfg.node_name = Some(v);
+        }
+        if let Some(v) = self.accel {
+            cfg.accel = v;
+        }
+        if let Some(v) = self.qemu {
+            cfg.qemu_binary = v;
+        }
+        if let Some(v) = self.probe_guest_dir {
+            cfg.probe_guest_dir = Some(v);
+        }
+        if cfg.data_dir.is_relative() {
+            cfg.data_dir = std::env::current_dir()
+                .context("cannot read the current directory")?
+                .join(&cfg.data_dir);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => {
+            init_logging("info");
+            let cfg = args.config()?;
+            dwcp_agent::run(cfg, |_| {}, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Vm(cmd) => {
+            init_logging("warn");
+            cli::vm(cmd).await
+        }
+        Command::Node(cmd) => {
+            init_logging("warn");
+            cli::node(cmd).await
+        }
+        Command::Demo(args) => {
+            init_logging("warn");
+            demo::run(args).await
+        }
+        Command::Openapi => {
+            println!("{}", dwcp_agent::http::openapi_document());
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {}", cli::error_line(&e));
+        std::process::exit(1);
+    }
+}

@@ -79,7 +79,9 @@ fn parse_fill(v: &str) -> Result<Fill, String> {
         "text" => Ok(Fill::Text),
         "random" => Ok(Fill::Random),
         "mixed" => Ok(Fill::Mixed),
-        _ => Err(format!("dwcp.fill={v}: expected zero, text, random or mixed")),
+        _ => Err(format!(
+            "dwcp.fill={v}: expected zero, text, random or mixed"
+        )),
     }
 }
 
@@ -315,7 +317,8 @@ impl Memory {
         match kind {
             WriteKind::Full => self.fill_page(index, gen),
             WriteKind::Small => {
-                let at = HEADER_BYTES + 8 * rng.below(((PAGE_BYTES - HEADER_BYTES) / 8) as u64) as usize;
+                let at =
+                    HEADER_BYTES + 8 * rng.below(((PAGE_BYTES - HEADER_BYTES) / 8) as u64) as usize;
                 let value = rng.next().to_le_bytes();
                 self.page(index)[at..at + 8].copy_from_slice(&value);
                 self.write_header(index, gen);
@@ -438,7 +441,9 @@ fn main() {
             }
             return;
         }
-        _ => fatal("usage: dwcp-workload [--cmdline 'dwcp.mem_mb=N ...' | --emit-pages FILL COUNT]"),
+        _ => {
+            fatal("usage: dwcp-workload [--cmdline 'dwcp.mem_mb=N ...' | --emit-pages FILL COUNT]")
+        }
     };
     match Options::from_cmdline(&cmdline) {
         Ok(o) => run(&o),
@@ -452,9 +457,14 @@ mod tests {
 
     #[test]
     fn options_parse_and_reject() {
-        let o = Options::from_cmdline("console=ttyS0 dwcp.mem_mb=32 dwcp.fill=text dwcp.write=full dwcp.hot=10")
-            .expect("valid options");
-        assert_eq!((o.mem_mb, o.fill, o.write, o.hot_percent), (32, Fill::Text, WriteKind::Full, 10));
+        let o = Options::from_cmdline(
+            "console=ttyS0 dwcp.mem_mb=32 dwcp.fill=text dwcp.write=full dwcp.hot=10",
+        )
+        .expect("valid options");
+        assert_eq!(
+            (o.mem_mb, o.fill, o.write, o.hot_percent),
+            (32, Fill::Text, WriteKind::Full, 10)
+        );
         assert!(Options::from_cmdline("dwcp.fill=purple").is_err());
         assert!(Options::from_cmdline("dwcp.mem_mb=0").is_err());
         assert!(Options::from_cmdline("dwcp.hot=0").is_err());
@@ -472,14 +482,21 @@ mod tests {
             for step in 0..500 {
                 let i = rng.below(64) as usize;
                 mem.check(i).expect("page valid before write");
-                let kind = if step % 2 == 0 { WriteKind::Small } else { WriteKind::Full };
+                let kind = if step % 2 == 0 {
+                    WriteKind::Small
+                } else {
+                    WriteKind::Full
+                };
                 mem.write(i, kind, &mut rng);
             }
             // Roll page 5 back to an older version: the check must notice.
             let before: Vec<u8> = mem.page(5).to_vec();
             mem.write(5, WriteKind::Small, &mut rng);
             mem.page(5).copy_from_slice(&before);
-            assert!(mem.check(5).is_err(), "rollback of a page went unnoticed ({fill:?})");
+            assert!(
+                mem.check(5).is_err(),
+                "rollback of a page went unnoticed ({fill:?})"
+            );
         }
     }
 

@@ -1,0 +1,406 @@
+//! The client commands: `dwcp vm ...` and `dwcp node ...`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use dwcp_api::{
+    format_bytes, parse_bytes, Client, ClientError, NodeInfo, StopRequest, VmInfo, VmSpec,
+};
+
+#[derive(Args, Clone)]
+pub struct Target {
+    /// The agent's API URL.
+    #[arg(
+        long,
+        global = true,
+        env = "DWCP_API",
+        default_value = "http://127.0.0.1:7480"
+    )]
+    pub api: String,
+}
+
+impl Target {
+    fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(&self.api)?)
+    }
+}
+
+#[derive(Args)]
+pub struct VmCommand {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    action: VmAction,
+}
+
+#[derive(Subcommand)]
+enum VmAction {
+    /// Define a VM and (unless --no-start) boot it.
+    Create {
+        name: String,
+        /// Memory, e.g. 256M or 1G.
+        #[arg(long, value_parser = size)]
+        memory: u64,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Linux kernel to boot.
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long)]
+        initrd: Option<String>,
+        /// Kernel command line.
+        #[arg(long)]
+        append: Option<String>,
+        /// qcow2 disk image.
+        #[arg(long)]
+        disk: Option<String>,
+        /// A label KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = label)]
+        labels: Vec<(String, String)>,
+        /// Only define the VM; do not boot it.
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List VMs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot a stopped or crashed VM.
+    Start { name: String },
+    /// Power a VM off: ACPI power button, then QEMU ends after the timeout.
+    Stop {
+        name: String,
+        /// Seconds the guest gets to power off [default: the agent's, 30].
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// End QEMU at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Freeze a running VM.
+    Pause { name: String },
+    /// Continue a paused VM.
+    Resume { name: String },
+    /// Delete a VM and its files.
+    Delete {
+        name: String,
+        /// Also when it is running (QEMU is ended at once).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the serial console output.
+    Console {
+        name: String,
+        /// Keep printing new output until the VM stops (Ctrl-C to leave).
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct NodeCommand {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    action: NodeAction,
+}
+
+#[derive(Subcommand)]
+enum NodeAction {
+    /// The node's accelerator (and why), QEMU, host size and VM counts.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}
+
+fn label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+/// Paths are resolved here, where the user typed them: the agent has its
+/// own working directory.
+fn absolute(p: Option<String>) -> anyhow::Result<Option<String>> {
+    p.map(|p| {
+        let path = Path::new(&p);
+        if path.is_absolute() {
+            return Ok(p);
+        }
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        Ok(cwd.join(path).display().to_string())
+    })
+    .transpose()
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn uptime(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(s) if s < 120.0 => format!("{s:.0}s"),
+        Some(s) if s < 7200.0 => format!("{:.0}m", s / 60.0),
+        Some(s) => format!("{:.1}h", s / 3600.0),
+    }
+}
+
+fn print_table(vms: &[VmInfo]) {
+    let rows: Vec<[String; 7]> = vms
+        .iter()
+        .map(|v| {
+            [
+                v.spec.name.clone(),
+                v.state.to_string(),
+                v.spec.vcpus.to_string(),
+                format_bytes(v.spec.memory_bytes),
+                v.accel.clone().unwrap_or_else(|| "-".into()),
+                v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                uptime(v.uptime_secs),
+            ]
+        })
+        .collect();
+    let head = ["NAME", "STATE", "VCPUS", "MEMORY", "ACCEL", "PID", "UPTIME"];
+    let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(head.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_vm(v: &VmInfo) {
+    let mut kv: Vec<(&str, String)> = vec![
+        ("name", v.spec.name.clone()),
+        ("state", v.state.to_string()),
+        ("desired", v.desired.to_string()),
+        ("vcpus", v.spec.vcpus.to_string()),
+        ("memory", format_bytes(v.spec.memory_bytes)),
+    ];
+    if let Some(r) = v.resident_bytes {
+        kv.push(("resident", format_bytes(r)));
+    }
+    if let Some(a) = &v.accel {
+        kv.push(("accel", a.clone()));
+    }
+    if let Some(p) = v.pid {
+        kv.push(("pid", p.to_string()));
+    }
+    if v.uptime_secs.is_some() {
+        kv.push(("uptime", uptime(v.uptime_secs)));
+    }
+    for (k, p) in [
+        ("kernel", &v.spec.kernel),
+        ("initrd", &v.spec.initrd),
+        ("append", &v.spec.append),
+        ("disk", &v.spec.disk),
+    ] {
+        if let Some(p) = p {
+            kv.push((k, p.clone()));
+        }
+    }
+    if !v.spec.labels.is_empty() {
+        let l: Vec<String> = v
+            .spec
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        kv.push(("labels", l.join(",")));
+    }
+    if let Some(e) = &v.last_error {
+        kv.push(("last error", e.clone()));
+    }
+    for (k, val) in kv {
+        println!("{:<11} {val}", format!("{k}:"));
+    }
+}
+
+fn print_node(n: &NodeInfo) {
+    for (k, v) in [
+        ("name", n.name.clone()),
+        ("accel", format!("{} ({})", n.accel, n.accel_reason)),
+        ("qemu", format!("{} {}", n.qemu_binary, n.qemu_version)),
+        (
+            "host",
+            format!(
+                "{} CPUs, {}",
+                n.host_cpus,
+                format_bytes(n.host_memory_bytes)
+            ),
+        ),
+        (
+            "vms",
+            format!("{} ({} running)", n.vms_total, n.vms_running),
+        ),
+        ("data dir", n.data_dir.clone()),
+        ("agent", n.agent_version.clone()),
+    ] {
+        println!("{:<9} {v}", format!("{k}:"));
+    }
+}
+
+pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
+    let c = cmd.target.client()?;
+    match cmd.action {
+        VmAction::Create {
+            name,
+            memory,
+            vcpus,
+            kernel,
+            initrd,
+            append,
+            disk,
+            labels,
+            no_start,
+            json,
+        } => {
+            let spec = VmSpec {
+                name,
+                vcpus,
+                memory_bytes: memory,
+                kernel: absolute(kernel)?,
+                initrd: absolute(initrd)?,
+                append,
+                disk: absolute(disk)?,
+                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+            };
+            let v = c.create(&spec, !no_start).await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("created VM {} ({})", v.spec.name, v.state);
+            }
+        }
+        VmAction::List { json } => {
+            let vms = c.list().await?;
+            if json {
+                print_json(&vms)?;
+            } else {
+                print_table(&vms);
+            }
+        }
+        VmAction::Show { name, json } => {
+            let v = c.show(&name).await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                print_vm(&v);
+            }
+        }
+        VmAction::Start { name } => {
+            let v = c.start(&name).await?;
+            println!("started VM {} (pid {})", v.spec.name, v.pid.unwrap_or(0));
+        }
+        VmAction::Stop {
+            name,
+            timeout,
+            force,
+        } => {
+            let v = c
+                .stop(
+                    &name,
+                    &StopRequest {
+                        timeout_secs: timeout,
+                        force,
+                    },
+                )
+                .await?;
+            println!("VM {} is {}", v.spec.name, v.state);
+        }
+        VmAction::Pause { name } => {
+            let v = c.pause(&name).await?;
+            println!("VM {} is {}", v.spec.name, v.state);
+        }
+        VmAction::Resume { name } => {
+            let v = c.resume(&name).await?;
+            println!("VM {} is {}", v.spec.name, v.state);
+        }
+        VmAction::Delete { name, force } => {
+            c.delete(&name, force).await?;
+            println!("deleted VM {name}");
+        }
+        VmAction::Console { name, follow } => {
+            let mut out = std::io::stdout();
+            c.console(&name, 0, follow, |chunk| {
+                let _ = out.write_all(chunk);
+                let _ = out.flush();
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
+    let c = cmd.target.client()?;
+    match cmd.action {
+        NodeAction::Info { json } => {
+            let n = c.node().await?;
+            if json {
+                print_json(&n)?;
+            } else {
+                print_node(&n);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One line for the user: the error and its causes, each said once.
+pub fn error_line(e: &anyhow::Error) -> String {
+    if let Some(ClientError::Api {
+        message,
+        causes,
+        code,
+        ..
+    }) = e.downcast_ref::<ClientError>()
+    {
+        let mut s = message.clone();
+        for c in causes {
+            s.push_str(": ");
+            s.push_str(c);
+        }
+        return format!("{s} [{code}]");
+    }
+    format!("{e:#}")
+}
+
+/// Refuses to go on when `cond` fails: used by the demo's checks.
+pub fn ensure(cond: bool, what: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if !cond {
+        bail!("{}", what());
+    }
+    Ok(())
+}
