@@ -90,7 +90,7 @@ impl VmSpec {
                 ),
             ));
         }
-        if self.memory_bytes % (1 << 20) != 0 {
+        if !self.memory_bytes.is_multiple_of(1 << 20) {
             return Err(bad("memory_bytes", "must be a whole number of MiB"));
         }
         if self.kernel.is_none() && self.disk.is_none() {
@@ -382,7 +382,8 @@ mod tests {
     #[test]
     fn specs_are_checked() {
         assert_eq!(spec().validate(), Ok(()));
-        let cases: Vec<(&str, Box<dyn Fn(&mut VmSpec)>)> = vec![
+        type Change = Box<dyn Fn(&mut VmSpec)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("name", Box::new(|s| s.name = "Bad_Name".into())),
             ("name", Box::new(|s| s.name = String::new())),
             ("name", Box::new(|s| s.name = "x".repeat(64))),

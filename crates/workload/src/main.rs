@@ -204,7 +204,10 @@ impl Memory {
         // SAFETY: the layout has a non-zero size (pages >= 1).
         let base = unsafe { alloc_zeroed(layout) };
         if base.is_null() {
-            fatal(&format!("cannot allocate {} MiB", pages * PAGE_BYTES >> 20));
+            fatal(&format!(
+                "cannot allocate {} MiB",
+                (pages * PAGE_BYTES) >> 20
+            ));
         }
         Memory {
             base,

@@ -1,0 +1,30 @@
+# The two commands of README.md: `make demo` and `make test`.
+# Both install what is missing (scripts/setup), build the test guest, then run.
+
+GUEST_DIR ?= $(CURDIR)/target/guest
+export DWCP_GUEST_DIR := $(GUEST_DIR)
+
+.PHONY: demo test setup guest build lint openapi
+
+demo: guest build
+	./target/debug/dwcp demo --guest-dir $(GUEST_DIR)
+
+test: guest
+	cargo nextest run --workspace --no-fail-fast
+
+lint: setup
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+setup:
+	scripts/setup
+
+guest: setup
+	scripts/build-guest $(GUEST_DIR)
+
+build: setup
+	cargo build -p dwcp
+
+# Regenerates the committed OpenAPI document.
+openapi:
+	cargo run -q -p dwcp -- openapi > api/openapi.json
