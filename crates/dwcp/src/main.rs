@@ -152,6 +152,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`dwcp vm list | head`), as Unix tools do.
+    // SAFETY: restoring the default disposition of SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
