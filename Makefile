@@ -4,7 +4,7 @@
 GUEST_DIR ?= $(CURDIR)/target/guest
 export DWCP_GUEST_DIR := $(GUEST_DIR)
 
-.PHONY: demo test setup guest build lint openapi
+.PHONY: demo test setup guest build lint openapi bench-netlab
 
 demo: guest build
 	./target/debug/dwcp demo --guest-dir $(GUEST_DIR)
@@ -28,3 +28,8 @@ build: setup
 # Regenerates the committed OpenAPI document.
 openapi:
 	cargo run -q -p dwcp -- openapi > api/openapi.json
+
+# netlab's accuracy against iperf3 (BENCHMARKS.md); needs root, ~6 minutes.
+bench-netlab: setup
+	cargo build --release -p dwcp-netlab
+	./target/release/netlab bench --traces $(CURDIR)/../shared/traces
