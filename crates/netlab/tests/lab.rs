@@ -2,7 +2,7 @@
 //! checked against the configured rate, delay and loss.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,6 @@ fn ns(lab: &Lab, host: &str) -> String {
 /// Sends bulk data a→b over TCP for `secs`; returns goodput in bit/s.
 fn tcp_goodput(lab: &Lab, secs: f64) -> f64 {
     let b = lab.addr("b").expect("addr");
-    let a = lab.addr("a").expect("addr");
     let listener = in_netns(&ns(lab, "b"), move || {
         TcpListener::bind(SocketAddr::new(b.into(), 9000))
     })
