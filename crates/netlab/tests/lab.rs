@@ -54,12 +54,10 @@ fn tcp_goodput(lab: &Lab, secs: f64) -> f64 {
     });
     // Connect from inside a: the socket keeps a's namespace.
     let mut s = in_netns(&ns(lab, "a"), move || {
-        let sock = std::net::TcpStream::connect_timeout(
+        std::net::TcpStream::connect_timeout(
             &SocketAddr::new(b.into(), 9000),
             Duration::from_secs(10),
-        );
-        let _ = a;
-        sock
+        )
     })
     .expect("netns")
     .expect("connect");
