@@ -6,6 +6,7 @@
 
 mod cli;
 mod demo;
+mod transfer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,10 @@ enum Command {
     Vm(cli::VmCommand),
     /// Show facts about an agent's node.
     Node(cli::NodeCommand),
+    /// Cluster identity: the CA and node certificates.
+    Cluster(transfer::ClusterCommand),
+    /// Move files between nodes over AMST (mutual TLS, several streams).
+    Transfer(transfer::TransferCommand),
     /// Start a temporary agent, boot the test guest, pause and resume it.
     Demo(demo::DemoArgs),
     /// Print the agent's OpenAPI document.
@@ -140,6 +145,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn");
             cli::node(cmd).await
         }
+        Command::Cluster(cmd) => {
+            init_logging("warn");
+            transfer::cluster(cmd)
+        }
+        Command::Transfer(cmd) => {
+            init_logging("info");
+            transfer::transfer(cmd).await
+        }
         Command::Demo(args) => {
             init_logging("warn");
             demo::run(args).await
@@ -152,12 +165,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
-    // Die quietly on a closed pipe (`dwcp vm list | head`), as Unix tools do.
-    // SAFETY: restoring the default disposition of SIGPIPE.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Vm(_) | Command::Node(_) | Command::Openapi | Command::Cluster(_)
+    ) {
+        // Commands that only print die quietly on a closed pipe
+        // (`dwcp vm list | head`), as Unix tools do. Network commands keep
+        // SIGPIPE ignored: a peer hanging up is an error to handle, not death.
+        // SAFETY: restoring the default disposition of SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

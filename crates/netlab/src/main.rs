@@ -392,12 +392,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
-    // Die quietly on a closed pipe (`netlab stats | head`), as Unix tools do.
-    // SAFETY: restoring the default disposition of SIGPIPE.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    if !matches!(cli.command, Cmd::Daemon { .. } | Cmd::Bench(_)) {
+        // Commands that only print die quietly on a closed pipe
+        // (`netlab stats | head`); the daemon must survive a client that
+        // hangs up.
+        // SAFETY: restoring the default disposition of SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Err(e) = run(cli) {
         eprintln!("netlab: error: {e:#}");
         std::process::exit(1);

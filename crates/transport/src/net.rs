@@ -1,0 +1,1147 @@
+//! The tokio layer around the sans-IO core: TCP + TLS connections, one
+//! writer and one reader task per connection, the stream-count controller,
+//! and reconnection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::adapt::{Decision, StreamController};
+use crate::frame::{Decoder, Frame, FrameError};
+use crate::identity::{cert_node_name, IdentityError, NodeIdentity};
+use crate::sched::{Class, ClassConfig, Opened, Receiver, RecvError, SendError, Sender};
+
+pub const MAX_STREAMS: usize = 16;
+const MAX_SESSIONS: usize = 256;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} did not answer within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("protocol error from {peer}: {detail}")]
+    Protocol { peer: String, detail: String },
+    #[error("the peer closed the session: {0}")]
+    Closed(String),
+    #[error("lost every connection to {addr} for {after:?}; giving up")]
+    Unreachable { addr: SocketAddr, after: Duration },
+    #[error("transfer failed: {0}")]
+    Send(#[from] SendError),
+    #[error("transfer corrupted: the receiver got {got_bytes} bytes with hash {got}, we sent {sent_bytes} bytes with hash {sent}")]
+    HashMismatch {
+        got: String,
+        got_bytes: u64,
+        sent: String,
+        sent_bytes: u64,
+    },
+    #[error("cannot read the data to send")]
+    Source(#[source] std::io::Error),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How many connections a session uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Streams {
+    Fixed(usize),
+    /// Start small; add connections while goodput grows.
+    Auto,
+}
+
+impl std::str::FromStr for Streams {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Streams::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_STREAMS).contains(&n) => Ok(Streams::Fixed(n)),
+            _ => Err(format!("{s:?}: expected auto or 1 to {MAX_STREAMS}")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    pub streams: Streams,
+    /// Most bytes a receiver holds out of order per transfer (and so the
+    /// sender's window).
+    pub window_bytes: u64,
+    /// Size of the data frames a transfer is cut into.
+    pub chunk_bytes: usize,
+    /// Socket buffer size; `None` sizes it from the measured RTT and
+    /// `link_rate_hint`.
+    pub socket_buffer_bytes: Option<usize>,
+    /// Bits per second the link may carry, to size socket buffers (BDP).
+    pub link_rate_hint: u64,
+    /// Congestion control to ask the kernel for.
+    pub congestion: String,
+    pub handshake_timeout: Duration,
+    /// How long a session survives with no connection before transfers fail.
+    pub resume_timeout: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            streams: Streams::Auto,
+            window_bytes: 128 << 20,
+            chunk_bytes: 256 << 10,
+            socket_buffer_bytes: None,
+            link_rate_hint: 1_000_000_000,
+            congestion: "bbr".into(),
+            handshake_timeout: Duration::from_secs(10),
+            resume_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Sets congestion control (falling back to CUBIC, said in the log) and
+/// socket buffers. Returns the algorithm in use.
+fn tune_socket(s: &TcpStream, cfg: &TransportConfig, buffer: usize) -> String {
+    let fd = s.as_raw_fd();
+    let _ = s.set_nodelay(true);
+    let mut chosen = String::new();
+    for algo in [cfg.congestion.as_str(), "cubic"] {
+        // SAFETY: setsockopt with a valid fd and a byte buffer of the given length.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                algo.as_ptr().cast(),
+                algo.len() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            chosen = algo.to_owned();
+            break;
+        }
+    }
+    if chosen != cfg.congestion {
+        tracing::warn!(wanted = %cfg.congestion, using = %chosen, "congestion control not available");
+    }
+    let size = buffer.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        for opt in [force, plain] {
+            // SAFETY: setsockopt with a c_int option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                break;
+            }
+        }
+    }
+    chosen
+}
+
+fn buffer_for(cfg: &TransportConfig, rtt: Duration) -> usize {
+    cfg.socket_buffer_bytes.unwrap_or_else(|| {
+        let bdp = cfg.link_rate_hint as f64 / 8.0 * rtt.as_secs_f64();
+        ((2.0 * bdp) as usize).clamp(256 << 10, 64 << 20)
+    })
+}
+
+/// Progress of a transfer, for display.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub bytes_acked: u64,
+    pub bytes_pushed: u64,
+    pub streams: usize,
+    pub retransmitted_frames: u64,
+    pub elapsed: Duration,
+}
+
+/// What a finished transfer did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransferReport {
+    pub bytes: u64,
+    pub seconds: f64,
+    pub goodput_bps: f64,
+    pub streams_max: usize,
+    pub streams_final: usize,
+    pub frames_sent: u64,
+    pub retransmitted_frames: u64,
+    pub reconnects: u64,
+    pub hash: String,
+}
+
+struct ClientInner {
+    addr: SocketAddr,
+    server_name: ServerName<'static>,
+    peer_label: String,
+    connector: TlsConnector,
+    cfg: TransportConfig,
+    session: [u8; 16],
+    core: Mutex<Sender>,
+    wake: Notify,
+    room: Notify,
+    done: Mutex<HashMap<u32, oneshot::Sender<(u64, [u8; 32])>>>,
+    next_conn: AtomicU16,
+    next_transfer: AtomicU64,
+    live: AtomicUsize,
+    target: AtomicUsize,
+    max_live: AtomicUsize,
+    reconnects: AtomicU64,
+    retire: Mutex<Vec<u16>>,
+    fatal: Mutex<Option<String>>,
+    closed: AtomicBool,
+    start: Instant,
+    rtt: Mutex<Option<Duration>>,
+}
+
+impl ClientInner {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+    fn fail(&self, why: String) {
+        let mut f = lock(&self.fatal);
+        if f.is_none() {
+            tracing::error!(peer = %self.peer_label, "session failed: {why}");
+            *f = Some(why);
+        }
+        drop(f);
+        lock(&self.done).clear();
+        self.room.notify_waiters();
+        self.wake.notify_waiters();
+    }
+}
+
+/// A session to one peer: several TLS connections carrying any number of
+/// transfers. Cheap to clone.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<ClientInner>,
+}
+
+impl Session {
+    /// Connects to `addr`. With `expect`, the peer's certificate must name
+    /// that node. Returns once the first connection is up.
+    pub async fn connect(
+        addr: SocketAddr,
+        identity: &Arc<NodeIdentity>,
+        expect: Option<&str>,
+        cfg: TransportConfig,
+    ) -> Result<Session, TransportError> {
+        let client = identity.client_config(expect)?;
+        let name = expect.unwrap_or("dwcp-peer").to_owned();
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|_| TransportError::Protocol {
+                peer: addr.to_string(),
+                detail: format!("{name:?} is not a valid node name"),
+            })?;
+        let mut session = [0u8; 16];
+        let seed =
+            blake3::hash(format!("{:?}{}{addr}", Instant::now(), std::process::id()).as_bytes());
+        session.copy_from_slice(&seed.as_bytes()[..16]);
+        let initial = match cfg.streams {
+            Streams::Fixed(n) => n,
+            Streams::Auto => 2,
+        };
+        let inner = Arc::new(ClientInner {
+            addr,
+            server_name,
+            peer_label: expect
+                .map(str::to_owned)
+                .unwrap_or_else(|| addr.to_string()),
+            connector: TlsConnector::from(client),
+            cfg: cfg.clone(),
+            session,
+            core: Mutex::new(Sender::new(cfg.window_bytes)),
+            wake: Notify::new(),
+            room: Notify::new(),
+            done: Mutex::new(HashMap::new()),
+            next_conn: AtomicU16::new(0),
+            next_transfer: AtomicU64::new(1),
+            live: AtomicUsize::new(0),
+            target: AtomicUsize::new(initial),
+            max_live: AtomicUsize::new(0),
+            reconnects: AtomicU64::new(0),
+            retire: Mutex::new(Vec::new()),
+            fatal: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            start: Instant::now(),
+            rtt: Mutex::new(None),
+        });
+        // The first connection is made here, so errors (refused
+        // certificate, nothing listening) reach the caller directly.
+        let (first, ready) = open_conn(&inner).await?;
+        tokio::spawn(run_conn(inner.clone(), first, ready));
+        tokio::spawn(supervise(inner.clone()));
+        Ok(Session { inner })
+    }
+
+    /// The peer's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Connections up now.
+    pub fn streams(&self) -> usize {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    pub fn rtt(&self) -> Option<Duration> {
+        *lock(&self.inner.rtt)
+    }
+
+    /// Changes a class's weight and rate limit while transfers run.
+    pub fn set_class(&self, class: Class, cfg: ClassConfig) {
+        lock(&self.inner.core).set_class(class, cfg);
+        self.inner.wake.notify_waiters();
+    }
+
+    /// Sends everything `source` yields as one transfer; returns once the
+    /// receiver confirmed it by length and hash. `progress` is called about
+    /// every 100 ms.
+    pub async fn send(
+        &self,
+        name: &str,
+        class: Class,
+        size_hint: u64,
+        mut source: impl AsyncRead + Unpin,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<TransferReport, TransportError> {
+        let inner = &self.inner;
+        let id = inner.next_transfer.fetch_add(1, Ordering::Relaxed) as u32;
+        let (done_tx, done_rx) = oneshot::channel();
+        lock(&inner.done).insert(id, done_tx);
+        let stats0 = lock(&inner.core).stats();
+        lock(&inner.core).open(id, class, name, size_hint)?;
+        inner.wake.notify_waiters();
+        let t0 = Instant::now();
+        let mut last_progress = Instant::now();
+        let mut max_streams = inner.live.load(Ordering::Relaxed);
+        let chunk = inner.cfg.chunk_bytes.clamp(1024, crate::frame::MAX_CHUNK);
+        let mut buf = vec![0u8; chunk];
+        let report = |inner: &ClientInner, max_streams: usize| {
+            let c = lock(&inner.core);
+            let st = c.status(id).unwrap_or(crate::sched::OutStatus {
+                pushed_bytes: 0,
+                unacked_bytes: 0,
+                acked_frames: 0,
+                complete: false,
+            });
+            let s = c.stats();
+            Progress {
+                bytes_acked: st.pushed_bytes - st.unacked_bytes,
+                bytes_pushed: st.pushed_bytes,
+                streams: inner.live.load(Ordering::Relaxed).max(max_streams.min(1)),
+                retransmitted_frames: s.frames_retransmitted - stats0.frames_retransmitted,
+                elapsed: t0.elapsed(),
+            }
+        };
+        let result: Result<(u64, [u8; 32]), TransportError> = async {
+            loop {
+                // Fill one chunk (a short read is fine; EOF ends the transfer).
+                let mut filled = 0;
+                while filled < chunk {
+                    let n = source
+                        .read(&mut buf[filled..])
+                        .await
+                        .map_err(TransportError::Source)?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                let fin = filled < chunk;
+                let data = buf[..filled].to_vec();
+                loop {
+                    let room = inner.room.notified();
+                    tokio::pin!(room);
+                    room.as_mut().enable();
+                    if let Some(why) = lock(&inner.fatal).clone() {
+                        return Err(TransportError::Closed(why));
+                    }
+                    if lock(&inner.core).push(id, data.clone(), fin)? {
+                        inner.wake.notify_waiters();
+                        break;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(100), room).await;
+                    max_streams = max_streams.max(inner.live.load(Ordering::Relaxed));
+                    if last_progress.elapsed() >= Duration::from_millis(100) {
+                        progress(&report(inner, max_streams));
+                        last_progress = Instant::now();
+                    }
+                }
+                if fin {
+                    break;
+                }
+                if last_progress.elapsed() >= Duration::from_millis(100) {
+                    max_streams = max_streams.max(inner.live.load(Ordering::Relaxed));
+                    progress(&report(inner, max_streams));
+                    last_progress = Instant::now();
+                }
+            }
+            // Wait for the receiver's verdict, showing progress meanwhile.
+            tokio::pin!(done_rx);
+            loop {
+                tokio::select! {
+                    r = &mut done_rx => {
+                        return r.map_err(|_| TransportError::Closed(
+                            lock(&inner.fatal).clone().unwrap_or_else(|| "session ended".into())));
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        max_streams = max_streams.max(inner.live.load(Ordering::Relaxed));
+                        progress(&report(inner, max_streams));
+                    }
+                }
+            }
+        }
+        .await;
+        max_streams = max_streams.max(inner.live.load(Ordering::Relaxed));
+        progress(&report(inner, max_streams));
+        let (digest, stats) = {
+            let c = lock(&inner.core);
+            (c.digest(id), c.stats())
+        };
+        lock(&inner.core).close(id);
+        lock(&inner.done).remove(&id);
+        let (got_bytes, got_hash) = result?;
+        let (sent_hash, sent_bytes) = digest.unwrap_or(([0; 32], 0));
+        if got_hash != sent_hash || got_bytes != sent_bytes {
+            return Err(TransportError::HashMismatch {
+                got: hex(&got_hash),
+                got_bytes,
+                sent: hex(&sent_hash),
+                sent_bytes,
+            });
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(TransferReport {
+            bytes: sent_bytes,
+            seconds: secs,
+            goodput_bps: sent_bytes as f64 * 8.0 / secs.max(1e-9),
+            streams_max: inner.max_live.load(Ordering::Relaxed).max(max_streams),
+            streams_final: inner.live.load(Ordering::Relaxed),
+            frames_sent: stats.frames_sent - stats0.frames_sent,
+            retransmitted_frames: stats.frames_retransmitted - stats0.frames_retransmitted,
+            reconnects: inner.reconnects.load(Ordering::Relaxed),
+            hash: hex(&sent_hash),
+        })
+    }
+
+    /// Closes every connection.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        self.inner.wake.notify_waiters();
+    }
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Connects, handshakes, exchanges Hello. Returns the stream and conn id.
+async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), TransportError> {
+    let addr = inner.addr;
+    let to = inner.cfg.handshake_timeout;
+    let t0 = Instant::now();
+    let tcp = tokio::time::timeout(to, TcpStream::connect(addr))
+        .await
+        .map_err(|_| TransportError::Timeout { addr, after: to })?
+        .map_err(|source| TransportError::Connect { addr, source })?;
+    let rtt = (*lock(&inner.rtt)).unwrap_or_else(|| t0.elapsed());
+    let algo = tune_socket(&tcp, &inner.cfg, buffer_for(&inner.cfg, rtt));
+    let tls = tokio::time::timeout(to, inner.connector.connect(inner.server_name.clone(), tcp))
+        .await
+        .map_err(|_| TransportError::Timeout { addr, after: to })?
+        .map_err(|source| TransportError::Handshake { addr, source })?;
+    let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(cert_node_name)
+        .unwrap_or_else(|| "?".into());
+    let mut tls = tls;
+    let mut hello = Vec::new();
+    Frame::Hello {
+        session: inner.session,
+        conn,
+    }
+    .encode(&mut hello);
+    let exchange = async {
+        tls.write_all(&hello).await?;
+        tls.flush().await?;
+        let mut dec = Decoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = tls.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed during hello",
+                ));
+            }
+            dec.push(&buf[..n]);
+            match dec.next_frame() {
+                Ok(Some(Frame::HelloAck { window, .. })) => {
+                    let rest = leftover(&mut dec);
+                    return Ok((window, rest));
+                }
+                Ok(Some(Frame::Close { reason })) => {
+                    return Err(std::io::Error::other(format!("refused: {reason}")))
+                }
+                Ok(Some(other)) => {
+                    return Err(std::io::Error::other(format!(
+                        "unexpected {} frame",
+                        other.kind_name()
+                    )))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
+    };
+    let (window, rest) = tokio::time::timeout(to, exchange)
+        .await
+        .map_err(|_| TransportError::Timeout { addr, after: to })?
+        .map_err(|source| TransportError::Handshake { addr, source })?;
+    let first_rtt = t0.elapsed() / 3; // connect + TLS 1.3 + hello: about 3 round trips
+    lock(&inner.rtt).get_or_insert(first_rtt);
+    lock(&inner.core).set_window(window);
+    tracing::info!(peer = %peer, conn, congestion = %algo, "connection up");
+    Ok(((conn, tls), rest))
+}
+
+/// Bytes the decoder holds beyond the frames taken (re-fed to the reader).
+fn leftover(dec: &mut Decoder) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Frames after the HelloAck (acks sent right away on resume) are
+    // re-encoded for the reader loop.
+    while let Ok(Some(f)) = dec.next_frame() {
+        f.encode(&mut out);
+    }
+    out
+}
+
+async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u8>) {
+    lock(&inner.core).conn_up(conn);
+    let live = inner.live.fetch_add(1, Ordering::Relaxed) + 1;
+    inner.max_live.fetch_max(live, Ordering::Relaxed);
+    inner.wake.notify_waiters();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let stop = Arc::new(Notify::new());
+    let reader = {
+        let inner = inner.clone();
+        let stop = stop.clone();
+        async move {
+            let mut dec = Decoder::new();
+            dec.push(&first);
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                loop {
+                    match dec.next_frame() {
+                        Ok(Some(f)) => client_frame(&inner, f)?,
+                        Ok(None) => break,
+                        Err(e) => return Err(format!("bad frame: {e}")),
+                    }
+                }
+                let n = tokio::select! {
+                    r = rd.read(&mut buf) => r.map_err(|e| e.to_string())?,
+                    _ = stop.notified() => return Ok(()),
+                };
+                if n == 0 {
+                    return Err("connection closed by peer".into());
+                }
+                dec.push(&buf[..n]);
+            }
+        }
+    };
+    let writer = {
+        let inner = inner.clone();
+        async move {
+            let mut out = Vec::with_capacity(2 << 20);
+            loop {
+                if inner.closed.load(Ordering::Relaxed) || lock(&inner.fatal).is_some() {
+                    let _ = wr.shutdown().await;
+                    return Ok(());
+                }
+                if lock(&inner.retire).contains(&conn) {
+                    // Retired: stop taking frames; what it carried is resent
+                    // elsewhere if it never gets acknowledged.
+                    let _ = wr.shutdown().await;
+                    return Ok(());
+                }
+                let woken = inner.wake.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                out.clear();
+                let next_timer = {
+                    let mut c = lock(&inner.core);
+                    let now = inner.now();
+                    while out.len() < (1 << 20) {
+                        match c.poll_transmit(conn, now) {
+                            Some(f) => f.encode(&mut out),
+                            None => break,
+                        }
+                    }
+                    c.poll_timeout(now)
+                };
+                if out.is_empty() {
+                    let wait = next_timer
+                        .map(|t| Duration::from_nanos(t.saturating_sub(inner.now())))
+                        .unwrap_or(Duration::from_millis(200));
+                    let _ = tokio::time::timeout(wait, woken).await;
+                    continue;
+                }
+                // write_all may leave TLS records buffered in rustls: flush,
+                // or the last frames before a pause never leave.
+                if let Err(e) = async {
+                    wr.write_all(&out).await?;
+                    wr.flush().await
+                }
+                .await
+                {
+                    return Err::<(), String>(e.to_string());
+                }
+            }
+        }
+    };
+    tokio::pin!(reader);
+    tokio::pin!(writer);
+    let outcome = tokio::select! {
+        r = &mut reader => r,
+        w = &mut writer => { stop.notify_one(); w }
+    };
+    lock(&inner.core).conn_lost(conn);
+    lock(&inner.retire).retain(|&c| c != conn);
+    inner.live.fetch_sub(1, Ordering::Relaxed);
+    inner.wake.notify_waiters();
+    match outcome {
+        Ok(()) => tracing::debug!(conn, "connection closed"),
+        Err(e) => {
+            tracing::warn!(peer = %inner.peer_label, conn, "connection lost: {e}; its unacknowledged frames go out on the others")
+        }
+    }
+}
+
+fn client_frame(inner: &ClientInner, f: Frame) -> Result<(), String> {
+    match f {
+        Frame::Ack { transfer, next_seq } => {
+            lock(&inner.core)
+                .handle_ack(transfer, next_seq)
+                .map_err(|e| e.to_string())?;
+            inner.room.notify_waiters();
+            inner.wake.notify_waiters();
+        }
+        Frame::Done {
+            transfer,
+            bytes,
+            hash,
+        } => {
+            tracing::debug!(transfer, bytes, "receiver confirmed the transfer");
+            if let Some(tx) = lock(&inner.done).remove(&transfer) {
+                let _ = tx.send((bytes, hash));
+            }
+        }
+        Frame::Close { reason } => {
+            inner.fail(format!("peer closed the session: {reason}"));
+            return Err(reason);
+        }
+        other => {
+            return Err(format!(
+                "unexpected {} frame from the receiver",
+                other.kind_name()
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the number of connections at the target, reconnects after
+/// failures (also after all of them died), and runs the stream controller.
+async fn supervise(inner: Arc<ClientInner>) {
+    let mut controller = StreamController::new(match inner.cfg.streams {
+        Streams::Fixed(n) => (n, n),
+        Streams::Auto => (1, MAX_STREAMS),
+    });
+    controller.reset(inner.target.load(Ordering::Relaxed));
+    let mut backoff = Duration::from_millis(100);
+    let mut alone_since: Option<Instant> = None;
+    let mut last_eval = Instant::now();
+    let mut last_acked = lock(&inner.core).stats().bytes_acked;
+    let mut was_busy = false;
+    loop {
+        if inner.closed.load(Ordering::Relaxed) || lock(&inner.fatal).is_some() {
+            return;
+        }
+        let live = inner.live.load(Ordering::Relaxed);
+        let target = inner.target.load(Ordering::Relaxed);
+        if live == 0 {
+            let since = *alone_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > inner.cfg.resume_timeout {
+                inner.fail(
+                    TransportError::Unreachable {
+                        addr: inner.addr,
+                        after: inner.cfg.resume_timeout,
+                    }
+                    .to_string(),
+                );
+                return;
+            }
+        } else {
+            alone_since = None;
+        }
+        if live < target {
+            match open_conn(&inner).await {
+                Ok((c, rest)) => {
+                    if live == 0 && inner.max_live.load(Ordering::Relaxed) > 0 {
+                        inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(peer = %inner.peer_label, "reconnected; resuming from what the receiver acknowledged");
+                    }
+                    tokio::spawn(run_conn(inner.clone(), c, rest));
+                    backoff = Duration::from_millis(100);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %inner.peer_label, "connect failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            continue;
+        }
+        // Stream-count control, once per interval while data flows.
+        let rtt = (*lock(&inner.rtt)).unwrap_or(Duration::from_millis(100));
+        let interval = (rtt * 8).clamp(Duration::from_millis(500), Duration::from_secs(4));
+        if last_eval.elapsed() >= interval {
+            let (acked, busy) = {
+                let c = lock(&inner.core);
+                (c.stats().bytes_acked, c.has_pending())
+            };
+            let rate = (acked - last_acked) as f64 * 8.0 / last_eval.elapsed().as_secs_f64();
+            last_acked = acked;
+            last_eval = Instant::now();
+            if busy && was_busy {
+                match controller.observe(live, rate) {
+                    Decision::Hold => {}
+                    Decision::Set { streams, reason } => {
+                        tracing::info!(peer = %inner.peer_label, from = live, to = streams, "streams {live} -> {streams}: {reason}");
+                        inner.target.store(streams, Ordering::Relaxed);
+                        if streams < live {
+                            let mut r = lock(&inner.retire);
+                            let newest = inner.next_conn.load(Ordering::Relaxed);
+                            for c in (0..newest).rev().take(live - streams) {
+                                r.push(c);
+                            }
+                            drop(r);
+                            inner.wake.notify_waiters();
+                        }
+                    }
+                }
+            }
+            was_busy = busy;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One incoming transfer: its chunks arrive in order on `chunks`; the last
+/// item is `Chunk::Done`. A channel that ends without it means the transfer
+/// was abandoned.
+pub struct Incoming {
+    pub peer: String,
+    pub transfer: u32,
+    pub class: Class,
+    pub name: String,
+    pub size_hint: u64,
+    pub chunks: mpsc::Receiver<Chunk>,
+}
+
+#[derive(Debug)]
+pub enum Chunk {
+    Data(Vec<u8>),
+    Done { bytes: u64, hash: [u8; 32] },
+}
+
+struct ServerSession {
+    peer: String,
+    /// Held across handling a frame and handing its chunks on, so chunks
+    /// that arrive on different connections still reach the consumer in
+    /// order.
+    recv: tokio::sync::Mutex<Receiver>,
+    sinks: Mutex<HashMap<u32, mpsc::Sender<Chunk>>>,
+    conns: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+}
+
+/// Accepts sessions from cluster peers and hands out their transfers.
+pub struct Listener {
+    addr: SocketAddr,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
+}
+
+impl Listener {
+    pub async fn bind(
+        addr: SocketAddr,
+        identity: &Arc<NodeIdentity>,
+        cfg: TransportConfig,
+    ) -> Result<Listener, TransportError> {
+        let server = identity.server_config()?;
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|source| TransportError::Listen { addr, source })?;
+        let bound = tcp
+            .local_addr()
+            .map_err(|source| TransportError::Listen { addr, source })?;
+        let (tx, rx) = mpsc::channel(64);
+        let sessions: Arc<Mutex<HashMap<[u8; 16], Arc<ServerSession>>>> = Arc::default();
+        tokio::spawn(accept_loop(
+            tcp,
+            TlsAcceptor::from(server),
+            cfg,
+            sessions,
+            tx,
+        ));
+        Ok(Listener {
+            addr: bound,
+            incoming: tokio::sync::Mutex::new(rx),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The next transfer any peer opens.
+    pub async fn accept(&self) -> Option<Incoming> {
+        self.incoming.lock().await.recv().await
+    }
+}
+
+async fn accept_loop(
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    cfg: TransportConfig,
+    sessions: Arc<Mutex<HashMap<[u8; 16], Arc<ServerSession>>>>,
+    tx: mpsc::Sender<Incoming>,
+) {
+    loop {
+        let (sock, from) = match tcp.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if tx.is_closed() {
+            return;
+        }
+        let acceptor = acceptor.clone();
+        let cfg = cfg.clone();
+        let sessions = sessions.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(sock, from, acceptor, cfg, sessions, tx).await {
+                tracing::warn!(%from, "connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_conn(
+    sock: TcpStream,
+    from: SocketAddr,
+    acceptor: TlsAcceptor,
+    cfg: TransportConfig,
+    sessions: Arc<Mutex<HashMap<[u8; 16], Arc<ServerSession>>>>,
+    tx: mpsc::Sender<Incoming>,
+) -> Result<(), String> {
+    tune_socket(&sock, &cfg, buffer_for(&cfg, Duration::from_millis(100)));
+    let to = cfg.handshake_timeout;
+    // A peer gets `handshake_timeout` for TLS and its Hello: slow or silent
+    // peers are cut off.
+    let mut tls = match tokio::time::timeout(to, acceptor.accept(sock)).await {
+        Err(_) => return Err(format!("refused: no TLS handshake within {to:?}")),
+        Ok(Err(e)) => {
+            tracing::warn!(%from, "refused connection: TLS handshake failed: {e}");
+            return Err(format!("refused: {e}"));
+        }
+        Ok(Ok(t)) => t,
+    };
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(cert_node_name)
+        .unwrap_or_else(|| "?".into());
+    let mut dec = Decoder::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let hello = tokio::time::timeout(to, async {
+        loop {
+            let n = tls.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before hello".to_owned());
+            }
+            dec.push(&buf[..n]);
+            match dec.next_frame() {
+                Ok(Some(Frame::Hello { session, conn })) => return Ok((session, conn)),
+                Ok(Some(other)) => {
+                    return Err(format!("expected hello, got {}", other.kind_name()))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("{peer}: no hello within {to:?}"))??;
+    let (session_id, conn) = hello;
+    let session = {
+        let mut all = lock(&sessions);
+        // Sessions idle past the resume timeout are dropped.
+        all.retain(|_, s| {
+            s.conns.load(Ordering::Relaxed) > 0
+                || lock(&s.idle_since).is_none_or(|t| t.elapsed() < cfg.resume_timeout)
+        });
+        match all.get(&session_id) {
+            Some(s) if s.peer != peer => {
+                return Err(format!("{peer} tried to join a session of {}", s.peer));
+            }
+            Some(s) => s.clone(),
+            None => {
+                if all.len() >= MAX_SESSIONS {
+                    return Err(format!("{peer}: too many sessions"));
+                }
+                let s = Arc::new(ServerSession {
+                    peer: peer.clone(),
+                    recv: tokio::sync::Mutex::new(Receiver::new(cfg.window_bytes)),
+                    sinks: Mutex::new(HashMap::new()),
+                    conns: AtomicUsize::new(0),
+                    idle_since: Mutex::new(None),
+                });
+                all.insert(session_id, s.clone());
+                s
+            }
+        }
+    };
+    if session.conns.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+        session.conns.fetch_sub(1, Ordering::Relaxed);
+        return Err(format!("{peer}: more than {MAX_STREAMS} connections"));
+    }
+    tracing::info!(%peer, conn, "peer connection accepted");
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(1024);
+    let writer = tokio::spawn(async move {
+        let mut out = Vec::new();
+        while let Some(f) = out_rx.recv().await {
+            out.clear();
+            f.encode(&mut out);
+            while let Ok(more) = out_rx.try_recv() {
+                more.encode(&mut out);
+                if out.len() > 1 << 20 {
+                    break;
+                }
+            }
+            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut hello_ack = vec![Frame::HelloAck {
+        session: session_id,
+        window: cfg.window_bytes,
+    }];
+    // Resuming: tell the sender where every transfer stands.
+    for (transfer, next_seq) in session.recv.lock().await.positions() {
+        hello_ack.push(Frame::Ack { transfer, next_seq });
+    }
+    for f in hello_ack {
+        let _ = out_tx.send(f).await;
+    }
+    let result = async {
+        loop {
+            loop {
+                let frame = match dec.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return Err(protocol(&peer, e)),
+                };
+                server_frame(&session, &peer, frame, &out_tx, &tx).await?;
+            }
+            let n = rd
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("{peer}: {e}"))?;
+            if n == 0 {
+                return Ok(());
+            }
+            dec.push(&buf[..n]);
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        let _ = out_tx.try_send(Frame::Close { reason: e.clone() });
+    }
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    if session.conns.fetch_sub(1, Ordering::Relaxed) == 1 {
+        *lock(&session.idle_since) = Some(Instant::now());
+    }
+    result
+}
+
+fn protocol(peer: &str, e: FrameError) -> String {
+    format!("{peer}: {e}")
+}
+
+async fn server_frame(
+    session: &ServerSession,
+    peer: &str,
+    frame: Frame,
+    out: &mpsc::Sender<Frame>,
+    incoming: &mpsc::Sender<Incoming>,
+) -> Result<(), String> {
+    match frame {
+        Frame::Open {
+            transfer,
+            class,
+            size_hint,
+            name,
+        } => {
+            let mut recv = session.recv.lock().await;
+            let opened = recv
+                .handle_open(transfer, class, &name, size_hint)
+                .map_err(|e: RecvError| format!("{peer}: {e}"))?;
+            if let Some(Opened {
+                transfer,
+                class,
+                name,
+                size_hint,
+            }) = opened
+            {
+                let (ctx, crx) = mpsc::channel(64);
+                lock(&session.sinks).insert(transfer, ctx);
+                let inc = Incoming {
+                    peer: peer.to_owned(),
+                    transfer,
+                    class,
+                    name,
+                    size_hint,
+                    chunks: crx,
+                };
+                incoming
+                    .send(inc)
+                    .await
+                    .map_err(|_| "the listener is gone".to_owned())?;
+            }
+            let next_seq = recv
+                .positions()
+                .into_iter()
+                .find(|(t, _)| *t == transfer)
+                .map(|(_, n)| n)
+                .unwrap_or(0);
+            out.send(Frame::Ack { transfer, next_seq })
+                .await
+                .map_err(|_| "writer gone".to_owned())?;
+        }
+        Frame::Data {
+            transfer,
+            seq,
+            fin,
+            payload,
+        } => {
+            let mut recv = session.recv.lock().await;
+            let d = recv
+                .handle_data(transfer, seq, fin, payload)
+                .map_err(|e| format!("{peer}: {e}"))?;
+            tracing::trace!(
+                transfer,
+                seq,
+                fin,
+                ack = d.ack,
+                delivered = d.chunks.len(),
+                done = d.done.is_some(),
+                "data"
+            );
+            let sink = lock(&session.sinks).get(&transfer).cloned();
+            if let Some(sink) = &sink {
+                for c in d.chunks {
+                    // Backpressure: a slow consumer stops this connection's reads.
+                    if sink.send(Chunk::Data(c)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            out.send(Frame::Ack {
+                transfer,
+                next_seq: d.ack,
+            })
+            .await
+            .map_err(|_| "writer gone".to_owned())?;
+            if let Some((bytes, hash)) = d.done {
+                if let Some(sink) = sink {
+                    let _ = sink.send(Chunk::Done { bytes, hash }).await;
+                }
+                lock(&session.sinks).remove(&transfer);
+                out.send(Frame::Done {
+                    transfer,
+                    bytes,
+                    hash,
+                })
+                .await
+                .map_err(|_| "writer gone".to_owned())?;
+            }
+            drop(recv);
+        }
+        Frame::Close { reason } => return Err(format!("{peer} closed: {reason}")),
+        other => return Err(format!("{peer}: unexpected {} frame", other.kind_name())),
+    }
+    Ok(())
+}
