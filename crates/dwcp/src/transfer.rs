@@ -93,7 +93,7 @@ pub fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
 
 fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 86400 && s % 86400 == 0 {
+    if s >= 86400 && s.is_multiple_of(86400) {
         format!("{} days", s / 86400)
     } else if s >= 3600 {
         format!("{:.1} hours", s as f64 / 3600.0)

@@ -99,7 +99,14 @@ pub fn valid_node_name(name: &str) -> bool {
 fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "dwcp cluster CA");
+    // Each cluster's CA has a name of its own, so a certificate from another
+    // cluster is refused as from an unknown issuer.
+    let id = blake3::hash(format!("{:?} {}", SystemTime::now(), std::process::id()).as_bytes());
+    let id: String = id.as_bytes()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(DnType::CommonName, format!("dwcp cluster CA {id}"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![

@@ -110,6 +110,9 @@ pub struct TransportConfig {
     pub handshake_timeout: Duration,
     /// How long a session survives with no connection before transfers fail.
     pub resume_timeout: Duration,
+    /// A connection with unacknowledged frames and nothing received for
+    /// this long (or 8 RTTs, if longer) is taken for dead.
+    pub stall_timeout: Duration,
 }
 
 impl Default for TransportConfig {
@@ -123,6 +126,7 @@ impl Default for TransportConfig {
             congestion: "bbr".into(),
             handshake_timeout: Duration::from_secs(10),
             resume_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -207,6 +211,10 @@ pub struct TransferReport {
     pub hash: String,
 }
 
+/// Where the receiver's verdict on a transfer (length, hash) goes.
+type DoneTx = oneshot::Sender<(u64, [u8; 32])>;
+type Sessions = Arc<Mutex<HashMap<[u8; 16], Arc<ServerSession>>>>;
+
 struct ClientInner {
     addr: SocketAddr,
     server_name: ServerName<'static>,
@@ -217,7 +225,7 @@ struct ClientInner {
     core: Mutex<Sender>,
     wake: Notify,
     room: Notify,
-    done: Mutex<HashMap<u32, oneshot::Sender<(u64, [u8; 32])>>>,
+    done: Mutex<HashMap<u32, DoneTx>>,
     next_conn: AtomicU16,
     next_transfer: AtomicU64,
     live: AtomicUsize,
@@ -589,8 +597,18 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u
                         Err(e) => return Err(format!("bad frame: {e}")),
                     }
                 }
+                // A connection whose frames go unacknowledged for `stall` is
+                // dead even if TCP has not noticed (a link that went silent).
+                let rtt = (*lock(&inner.rtt)).unwrap_or(Duration::from_millis(100));
+                let stall = (rtt * 8).max(inner.cfg.stall_timeout);
                 let n = tokio::select! {
-                    r = rd.read(&mut buf) => r.map_err(|e| e.to_string())?,
+                    r = tokio::time::timeout(stall, rd.read(&mut buf)) => match r {
+                        Ok(r) => r.map_err(|e| e.to_string())?,
+                        Err(_) if lock(&inner.core).conn_has_unacked(conn) => {
+                            return Err(format!("stalled: nothing acknowledged for {stall:?}"));
+                        }
+                        Err(_) => continue,
+                    },
                     _ = stop.notified() => return Ok(()),
                 };
                 if n == 0 {
@@ -838,7 +856,7 @@ impl Listener {
             .local_addr()
             .map_err(|source| TransportError::Listen { addr, source })?;
         let (tx, rx) = mpsc::channel(64);
-        let sessions: Arc<Mutex<HashMap<[u8; 16], Arc<ServerSession>>>> = Arc::default();
+        let sessions: Sessions = Arc::default();
         tokio::spawn(accept_loop(
             tcp,
             TlsAcceptor::from(server),
@@ -866,7 +884,7 @@ async fn accept_loop(
     tcp: TcpListener,
     acceptor: TlsAcceptor,
     cfg: TransportConfig,
-    sessions: Arc<Mutex<HashMap<[u8; 16], Arc<ServerSession>>>>,
+    sessions: Sessions,
     tx: mpsc::Sender<Incoming>,
 ) {
     loop {
@@ -898,7 +916,7 @@ async fn serve_conn(
     from: SocketAddr,
     acceptor: TlsAcceptor,
     cfg: TransportConfig,
-    sessions: Arc<Mutex<HashMap<[u8; 16], Arc<ServerSession>>>>,
+    sessions: Sessions,
     tx: mpsc::Sender<Incoming>,
 ) -> Result<(), String> {
     tune_socket(&sock, &cfg, buffer_for(&cfg, Duration::from_millis(100)));
@@ -906,10 +924,13 @@ async fn serve_conn(
     // A peer gets `handshake_timeout` for TLS and its Hello: slow or silent
     // peers are cut off.
     let mut tls = match tokio::time::timeout(to, acceptor.accept(sock)).await {
-        Err(_) => return Err(format!("refused: no TLS handshake within {to:?}")),
+        Err(_) => {
+            tracing::warn!(%from, "refused connection: no TLS handshake within {to:?}");
+            return Ok(());
+        }
         Ok(Err(e)) => {
             tracing::warn!(%from, "refused connection: TLS handshake failed: {e}");
-            return Err(format!("refused: {e}"));
+            return Ok(());
         }
         Ok(Ok(t)) => t,
     };
@@ -1031,8 +1052,25 @@ async fn serve_conn(
     }
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    if session.conns.fetch_sub(1, Ordering::Relaxed) == 1 {
+    let last = session.conns.fetch_sub(1, Ordering::Relaxed) == 1;
+    if result.is_err() {
+        // A peer that broke the protocol loses the whole session: its
+        // transfers end as abandoned.
+        lock(&sessions).remove(&session_id);
+        lock(&session.sinks).clear();
+    } else if last {
         *lock(&session.idle_since) = Some(Instant::now());
+        // No connection left: the peer has `resume_timeout` to come back
+        // before its transfers are given up.
+        let sessions = sessions.clone();
+        let wait = cfg.resume_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if session.conns.load(Ordering::Relaxed) == 0 {
+                lock(&sessions).remove(&session_id);
+                lock(&session.sinks).clear();
+            }
+        });
     }
     result
 }

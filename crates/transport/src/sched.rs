@@ -351,6 +351,17 @@ impl Sender {
         }
     }
 
+    /// Whether `conn` carries frames that are not acknowledged yet.
+    pub fn conn_has_unacked(&self, conn: u16) -> bool {
+        self.inflight.get(&conn).is_some_and(|q| {
+            q.iter().any(|(t, s)| {
+                self.transfers
+                    .get(t)
+                    .is_some_and(|o| o.frames.contains_key(s))
+            })
+        })
+    }
+
     pub fn conns(&self) -> usize {
         self.inflight.len()
     }
