@@ -756,7 +756,11 @@ async fn supervise(inner: Arc<ClientInner>) {
         if live < target {
             match open_conn(&inner).await {
                 Ok((c, rest)) => {
-                    if live == 0 && inner.max_live.load(Ordering::Relaxed) > 0 {
+                    // Counted when the session had lost every connection
+                    // (checked now: others may have died while connecting).
+                    if inner.live.load(Ordering::Relaxed) == 0
+                        && inner.max_live.load(Ordering::Relaxed) > 0
+                    {
                         inner.reconnects.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(peer = %inner.peer_label, "reconnected; resuming from what the receiver acknowledged");
                     }
@@ -1026,20 +1030,25 @@ async fn serve_conn(
     for f in hello_ack {
         let _ = out_tx.send(f).await;
     }
-    let result = async {
+    // Ok(()) at the end of the stream; Err((violation, why)) otherwise, where
+    // a violation (a malformed or lying frame) costs the peer its session
+    // and a mere I/O error does not (it may come back and resume).
+    let result: Result<(), (bool, String)> = async {
         loop {
             loop {
                 let frame = match dec.next_frame() {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
-                    Err(e) => return Err(protocol(&peer, e)),
+                    Err(e) => return Err((true, protocol(&peer, e))),
                 };
-                server_frame(&session, &peer, frame, &out_tx, &tx).await?;
+                server_frame(&session, &peer, frame, &out_tx, &tx)
+                    .await
+                    .map_err(|e| (true, e))?;
             }
             let n = rd
                 .read(&mut buf)
                 .await
-                .map_err(|e| format!("{peer}: {e}"))?;
+                .map_err(|e| (false, format!("{peer}: {e}")))?;
             if n == 0 {
                 return Ok(());
             }
@@ -1047,13 +1056,14 @@ async fn serve_conn(
         }
     }
     .await;
-    if let Err(e) = &result {
+    let violation = matches!(result, Err((true, _)));
+    if let Err((true, e)) = &result {
         let _ = out_tx.try_send(Frame::Close { reason: e.clone() });
     }
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     let last = session.conns.fetch_sub(1, Ordering::Relaxed) == 1;
-    if result.is_err() {
+    if violation {
         // A peer that broke the protocol loses the whole session: its
         // transfers end as abandoned.
         lock(&sessions).remove(&session_id);
@@ -1072,7 +1082,7 @@ async fn serve_conn(
             }
         });
     }
-    result
+    result.map_err(|(_, e)| e)
 }
 
 fn protocol(peer: &str, e: FrameError) -> String {
