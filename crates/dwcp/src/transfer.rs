@@ -329,11 +329,14 @@ pub async fn transfer(cmd: TransferCommand) -> anyhow::Result<()> {
             ticker.end();
             let report = report?;
             session.close();
+            let cpu = process_cpu_secs();
             if json {
-                println!("{}", serde_json::to_string(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                v["cpu_secs"] = serde_json::json!(cpu);
+                println!("{v}");
             } else {
                 println!(
-                    "sent {} bytes in {:.2} s: goodput {}, streams used {} (at the end {}), frames {} of which retransmitted {}, reconnects {}, blake3 {}",
+                    "sent {} bytes in {:.2} s: goodput {}, streams used {} (at the end {}), frames {} of which retransmitted {}, reconnects {}, CPU {:.2} s, blake3 {}",
                     report.bytes,
                     report.seconds,
                     rate(report.goodput_bps),
@@ -342,10 +345,22 @@ pub async fn transfer(cmd: TransferCommand) -> anyhow::Result<()> {
                     report.frames_sent,
                     report.retransmitted_frames,
                     report.reconnects,
+                    cpu,
                     report.hash
                 );
             }
             Ok(())
         }
     }
+}
+
+/// CPU time (user + system) this process has used, in seconds.
+fn process_cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }

@@ -105,7 +105,7 @@ impl Frame {
                 out.extend_from_slice(&transfer.to_be_bytes());
                 out.push(*class);
                 out.extend_from_slice(&size_hint.to_be_bytes());
-                let n = &name.as_bytes()[..name.len().min(255)];
+                let n = truncate_utf8(name, 255).as_bytes();
                 out.push(n.len() as u8);
                 out.extend_from_slice(n);
                 (K_OPEN, 0)
@@ -137,7 +137,7 @@ impl Frame {
                 (K_DONE, 0)
             }
             Frame::Close { reason } => {
-                let r = &reason.as_bytes()[..reason.len().min(1024)];
+                let r = truncate_utf8(reason, 1024).as_bytes();
                 out.extend_from_slice(r);
                 (K_CLOSE, 0)
             }
@@ -240,12 +240,23 @@ impl Frame {
                     return Err(FrameError::Malformed("close"));
                 }
                 Ok(Frame::Close {
-                    reason: String::from_utf8_lossy(b).into_owned(),
+                    reason: String::from_utf8(b.to_vec())
+                        .map_err(|_| FrameError::Malformed("close"))?,
                 })
             }
             other => Err(FrameError::Kind(other)),
         }
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Incremental decoder: feed bytes with [`Decoder::push`], take frames with
@@ -364,6 +375,24 @@ mod tests {
             }
             assert_eq!(got, frames, "split {step}");
             assert_eq!(d.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn long_names_are_cut_on_character_boundaries() {
+        let f = Frame::Open {
+            transfer: 1,
+            class: 1,
+            size_hint: 0,
+            name: "é".repeat(200),
+        };
+        let mut wire = Vec::new();
+        f.encode(&mut wire);
+        let mut d = Decoder::new();
+        d.push(&wire);
+        match d.next_frame() {
+            Ok(Some(Frame::Open { name, .. })) => assert_eq!(name, "é".repeat(127)),
+            other => panic!("{other:?}"),
         }
     }
 
