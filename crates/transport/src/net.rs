@@ -156,6 +156,20 @@ fn tune_socket(s: &TcpStream, cfg: &TransportConfig, buffer: usize) -> String {
     if chosen != cfg.congestion {
         tracing::warn!(wanted = %cfg.congestion, using = %chosen, "congestion control not available");
     }
+    // Keep little unsent data in the kernel: frames wait in our scheduler
+    // until a connection really has room, instead of piling up behind one
+    // connection that slowed down.
+    let lowat: libc::c_int = 256 * 1024;
+    // SAFETY: setsockopt with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&lowat as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     let size = buffer.min(i32::MAX as usize) as libc::c_int;
     for (force, plain) in [
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
@@ -558,7 +572,11 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), Tr
         .map_err(|_| TransportError::Timeout { addr, after: to })?
         .map_err(|source| TransportError::Handshake { addr, source })?;
     let first_rtt = t0.elapsed() / 3; // connect + TLS 1.3 + hello: about 3 round trips
-    lock(&inner.rtt).get_or_insert(first_rtt);
+    let rtt = *lock(&inner.rtt).get_or_insert(first_rtt);
+    // A frame holding up in-order delivery for 4 RTTs (at least 300 ms) goes
+    // out again on an idle connection.
+    let hedge = (rtt * 4).max(Duration::from_millis(300));
+    lock(&inner.core).set_hedge_after(Some(hedge.as_nanos() as u64));
     lock(&inner.core).set_window(window);
     tracing::info!(peer = %peer, conn, congestion = %algo, "connection up");
     Ok(((conn, tls), rest))
@@ -628,8 +646,15 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u
                     return Ok(());
                 }
                 if lock(&inner.retire).contains(&conn) {
-                    // Retired: stop taking frames; what it carried is resent
-                    // elsewhere if it never gets acknowledged.
+                    // Retired: take no new frames, let what it carries be
+                    // acknowledged (or give up after 10 s, and it is resent
+                    // elsewhere), then close.
+                    for _ in 0..500 {
+                        if !lock(&inner.core).conn_has_unacked(conn) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                     let _ = wr.shutdown().await;
                     return Ok(());
                 }
@@ -640,7 +665,7 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u
                 let next_timer = {
                     let mut c = lock(&inner.core);
                     let now = inner.now();
-                    while out.len() < (1 << 20) {
+                    while out.len() < (256 << 10) {
                         match c.poll_transmit(conn, now) {
                             Some(f) => f.encode(&mut out),
                             None => break,

@@ -103,10 +103,19 @@ struct ClassState {
     order: VecDeque<u32>,
 }
 
+struct Slot {
+    payload: Vec<u8>,
+    fin: bool,
+    /// The connection it last went out on, and when (ns).
+    sent: Option<(u16, u64)>,
+    /// Already sent a second time because it was late.
+    hedged: bool,
+}
+
 struct Out {
     class: Class,
-    /// Unacknowledged frames (sent or not): seq → (payload, fin).
-    frames: BTreeMap<u64, (Vec<u8>, bool)>,
+    /// Unacknowledged frames (sent or not).
+    frames: BTreeMap<u64, Slot>,
     next_unsent: u64,
     next_seq: u64,
     acked: u64,
@@ -160,7 +169,11 @@ pub struct Sender {
     inflight: BTreeMap<u16, VecDeque<(u32, u64)>>,
     retransmit: VecDeque<(u32, u64)>,
     stats: SenderStats,
+    hedge_after: Option<u64>,
 }
+
+/// How many of a transfer's oldest unacknowledged frames may be hedged.
+const HEDGE_DEPTH: usize = 8;
 
 impl Sender {
     /// `window`: most unacknowledged bytes per transfer (the receiver's
@@ -183,6 +196,7 @@ impl Sender {
             inflight: BTreeMap::new(),
             retransmit: VecDeque::new(),
             stats: SenderStats::default(),
+            hedge_after: None,
         }
     }
 
@@ -284,7 +298,15 @@ impl Sender {
         t.pushed_bytes += chunk.len() as u64;
         t.unacked_bytes += chunk.len() as u64;
         t.fin_pushed = fin;
-        t.frames.insert(t.next_seq, (chunk, fin));
+        t.frames.insert(
+            t.next_seq,
+            Slot {
+                payload: chunk,
+                fin,
+                sent: None,
+                hedged: false,
+            },
+        );
         t.next_seq += 1;
         Ok(true)
     }
@@ -382,8 +404,8 @@ impl Sender {
             if s >= next_seq {
                 break;
             }
-            if let Some((p, _)) = t.frames.remove(&s) {
-                freed += p.len() as u64;
+            if let Some(slot) = t.frames.remove(&s) {
+                freed += slot.payload.len() as u64;
             }
         }
         t.confirmed = true;
@@ -418,14 +440,43 @@ impl Sender {
         })
     }
 
-    fn data_frame(&self, transfer: u32, seq: u64) -> Option<Frame> {
-        let (payload, fin) = self.transfers.get(&transfer)?.frames.get(&seq)?;
+    /// The data frame for (transfer, seq), marked as sent on `conn` now.
+    fn data_frame(&mut self, transfer: u32, seq: u64, conn: u16, now: u64) -> Option<Frame> {
+        let slot = self.transfers.get_mut(&transfer)?.frames.get_mut(&seq)?;
+        slot.sent = Some((conn, now));
         Some(Frame::Data {
             transfer,
             seq,
-            fin: *fin,
-            payload: payload.clone(),
+            fin: slot.fin,
+            payload: slot.payload.clone(),
         })
+    }
+
+    /// A frame that blocks in-order delivery and has been out on another
+    /// connection for longer than `hedge_after`: worth sending again here
+    /// (the receiver drops whichever copy comes second).
+    fn late_frame(&self, conn: u16, now: u64) -> Option<(u32, u64)> {
+        let after = self.hedge_after?;
+        for (&id, t) in &self.transfers {
+            for (&seq, slot) in t.frames.iter().take(HEDGE_DEPTH) {
+                match slot.sent {
+                    Some((c, at))
+                        if c != conn && !slot.hedged && now.saturating_sub(at) > after =>
+                    {
+                        return Some((id, seq));
+                    }
+                    None => break,
+                    _ => {}
+                }
+            }
+        }
+        None
+    }
+
+    /// Frames late by more than this go out again on an idle connection;
+    /// `None` never.
+    pub fn set_hedge_after(&mut self, after: Option<u64>) {
+        self.hedge_after = after;
     }
 
     /// The next frame for connection `conn`, which has room to send.
@@ -434,7 +485,7 @@ impl Sender {
             return Some(f);
         }
         while let Some((t, s)) = self.retransmit.pop_front() {
-            if let Some(f) = self.data_frame(t, s) {
+            if let Some(f) = self.data_frame(t, s, conn, now) {
                 self.inflight.entry(conn).or_default().push_back((t, s));
                 self.stats.frames_retransmitted += 1;
                 self.stats.frames_sent += 1;
@@ -457,12 +508,28 @@ impl Sender {
                     let vb = self.classes[b].served / self.classes[b].cfg.weight as f64;
                     va.total_cmp(&vb)
                 })
-        }?;
+        };
+        let Some(pick) = pick else {
+            // Nothing new to send: help a frame that is late elsewhere.
+            let (id, seq) = self.late_frame(conn, now)?;
+            let f = self.data_frame(id, seq, conn, now)?;
+            if let Some(slot) = self
+                .transfers
+                .get_mut(&id)
+                .and_then(|t| t.frames.get_mut(&seq))
+            {
+                slot.hedged = true;
+            }
+            self.inflight.entry(conn).or_default().push_back((id, seq));
+            self.stats.frames_retransmitted += 1;
+            self.stats.frames_sent += 1;
+            return Some(f);
+        };
         let id = self.sendable(pick)?;
         let t = self.transfers.get_mut(&id)?;
         let seq = t.next_unsent;
         t.next_unsent += 1;
-        let frame = self.data_frame(id, seq)?;
+        let frame = self.data_frame(id, seq, conn, now)?;
         let len = match &frame {
             Frame::Data { payload, .. } => payload.len(),
             _ => 0,
@@ -759,6 +826,29 @@ mod tests {
             s.poll_transmit(2, 0),
             Some(Frame::Open { transfer: 8, .. })
         ));
+    }
+
+    #[test]
+    fn a_late_frame_is_hedged_once_on_an_idle_connection() {
+        let mut s = Sender::new(1 << 24);
+        s.set_hedge_after(Some(1_000));
+        s.open(1, Class::Migration, "x", 0).expect("open");
+        assert!(matches!(s.poll_transmit(0, 0), Some(Frame::Open { .. })));
+        s.handle_ack(1, 0).expect("open acked");
+        s.push(1, vec![0; 10], false).expect("push");
+        s.push(1, vec![1; 10], true).expect("push");
+        assert_eq!(data(&s.poll_transmit(0, 0).expect("f")), (1, 0));
+        assert_eq!(data(&s.poll_transmit(1, 0).expect("f")), (1, 1));
+        // Not late yet.
+        assert_eq!(s.poll_transmit(1, 500), None);
+        // Frame 0 (on conn 0) is late: conn 1 sends it again, once.
+        assert_eq!(data(&s.poll_transmit(1, 2_000).expect("f")), (1, 0));
+        assert_eq!(s.poll_transmit(1, 3_000), None);
+        // Frame 1 is late on conn 1 by now: conn 0 helps with it. Frame 0,
+        // hedged once already, is not sent a third time.
+        assert_eq!(s.poll_transmit(0, 5_000).map(|f| data(&f)), Some((1, 1)));
+        assert_eq!(s.poll_transmit(0, 9_000), None);
+        assert_eq!(s.stats().frames_retransmitted, 2);
     }
 
     #[test]
