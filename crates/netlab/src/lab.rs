@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
+#[cfg(test)]
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -446,4 +448,51 @@ pub fn remove_namespaces(name: Option<&str>) -> Vec<String> {
         }
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_file_then_flags_then_links() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("lab.toml");
+        std::fs::write(
+            &f,
+            "hosts = [\"h1\", \"h2\"]\nseed = 7\n[all]\nrate = \"200mbit\"\ndelay = \"50ms\"\n\
+             [[link]]\nfrom = \"h2\"\nto = \"h1\"\nrate = \"20mbit\"\n",
+        )
+        .expect("write");
+        let mut cfg = LabConfig::new("lab", &[]);
+        cfg.all = vec![("delay".into(), "10ms".into())]; // a flag beats the file
+        cfg.merge_file(&f).expect("merge");
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.hosts, vec!["h1", "h2"]);
+        assert_eq!(cfg.seed, 7);
+        let up = cfg.params(0, 1).expect("h1->h2");
+        let down = cfg.params(1, 0).expect("h2->h1");
+        assert_eq!(
+            (up.rate_bps, up.delay),
+            (Some(200_000_000), Duration::from_millis(10))
+        );
+        assert_eq!(
+            down.rate_bps,
+            Some(20_000_000),
+            "the [[link]] applies h2->h1 only"
+        );
+
+        std::fs::write(&f, "hosts = [\"a\", \"b\"]\n[all]\nrate = \"fast\"\n").expect("write");
+        let mut bad = LabConfig::new("lab", &[]);
+        bad.merge_file(&f).expect("parses");
+        assert!(
+            bad.validate().is_err(),
+            "bad values in a file are refused before anything is made"
+        );
+        std::fs::write(&f, "hostz = [\"a\"]\n").expect("write");
+        assert!(matches!(
+            LabConfig::new("lab", &[]).merge_file(&f),
+            Err(LabError::Toml { .. })
+        ));
+    }
 }

@@ -219,6 +219,8 @@ pub struct TransferReport {
     pub goodput_bps: f64,
     pub streams_max: usize,
     pub streams_final: usize,
+    /// Goodput over the second half of the transfer (after start-up).
+    pub steady_goodput_bps: f64,
     pub frames_sent: u64,
     pub retransmitted_frames: u64,
     pub reconnects: u64,
@@ -363,8 +365,17 @@ impl Session {
         class: Class,
         size_hint: u64,
         mut source: impl AsyncRead + Unpin,
-        mut progress: impl FnMut(&Progress),
+        mut progress_cb: impl FnMut(&Progress),
     ) -> Result<TransferReport, TransportError> {
+        // When half of the expected bytes were acknowledged, for the
+        // steady-state goodput.
+        let mut half: Option<(Instant, u64)> = None;
+        let mut progress = |p: &Progress| {
+            if half.is_none() && size_hint > 0 && p.bytes_acked * 2 >= size_hint {
+                half = Some((Instant::now(), p.bytes_acked));
+            }
+            progress_cb(p);
+        };
         let inner = &self.inner;
         let id = inner.next_transfer.fetch_add(1, Ordering::Relaxed) as u32;
         let (done_tx, done_rx) = oneshot::channel();
@@ -472,10 +483,18 @@ impl Session {
             });
         }
         let secs = t0.elapsed().as_secs_f64();
+        let goodput = sent_bytes as f64 * 8.0 / secs.max(1e-9);
+        let steady = match half {
+            Some((at, bytes)) if at.elapsed() > Duration::from_millis(200) => {
+                (sent_bytes - bytes) as f64 * 8.0 / at.elapsed().as_secs_f64()
+            }
+            _ => goodput,
+        };
         Ok(TransferReport {
             bytes: sent_bytes,
             seconds: secs,
-            goodput_bps: sent_bytes as f64 * 8.0 / secs.max(1e-9),
+            goodput_bps: goodput,
+            steady_goodput_bps: steady,
             streams_max: inner.max_live.load(Ordering::Relaxed).max(max_streams),
             streams_final: inner.live.load(Ordering::Relaxed),
             frames_sent: stats.frames_sent - stats0.frames_sent,
