@@ -279,7 +279,13 @@ mod tests {
 
     #[test]
     fn real_traces_load() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/traces");
+        // The traces live in shared/ beside the repository (as in CI), or
+        // wherever DWCP_TRACES points.
+        let dir = std::env::var_os("DWCP_TRACES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/traces")
+            });
         for (f, lo, hi) in [
             ("mahimahi/Verizon-LTE-short.down", 1e6, 100e6),
             ("pensieve_norway_hsdpa/norway_bus_1", 0.1e6, 20e6),
