@@ -112,6 +112,24 @@ struct Vm {
 }
 
 impl Vm {
+    /// A VM from its stored record; its files live in `DATA/vms/NAME`.
+    fn new(data_dir: &Path, rec: VmRecord) -> Arc<Vm> {
+        let (state_tx, _) = watch::channel(rec.state);
+        Arc::new(Vm {
+            name: rec.spec.name.clone(),
+            dir: data_dir.join("vms").join(&rec.spec.name),
+            op: tokio::sync::Mutex::new(()),
+            cell: Mutex::new(VmCell {
+                rec,
+                qmp: None,
+                stopping: false,
+                guest_shutdown: false,
+                run: 0,
+            }),
+            state_tx,
+        })
+    }
+
     fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
@@ -189,22 +207,8 @@ impl Manager {
         }
         let mut vms = BTreeMap::new();
         for rec in store.all()? {
-            let name = rec.spec.name.clone();
-            let (state_tx, _) = watch::channel(rec.state);
-            let vm = Vm {
-                name: name.clone(),
-                dir: cfg.data_dir.join("vms").join(&name),
-                op: tokio::sync::Mutex::new(()),
-                cell: Mutex::new(VmCell {
-                    rec,
-                    qmp: None,
-                    stopping: false,
-                    guest_shutdown: false,
-                    run: 0,
-                }),
-                state_tx,
-            };
-            vms.insert(name, Arc::new(vm));
+            let vm = Vm::new(&cfg.data_dir, rec);
+            vms.insert(vm.name.clone(), vm);
         }
         Ok(Arc::new(Manager {
             cfg,
@@ -405,20 +409,7 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e.into());
             }
-            let (state_tx, _) = watch::channel(VmState::Stopped);
-            let vm = Arc::new(Vm {
-                name: name.clone(),
-                dir,
-                op: tokio::sync::Mutex::new(()),
-                cell: Mutex::new(VmCell {
-                    rec,
-                    qmp: None,
-                    stopping: false,
-                    guest_shutdown: false,
-                    run: 0,
-                }),
-                state_tx,
-            });
+            let vm = Vm::new(&self.cfg.data_dir, rec);
             vms.insert(name.clone(), vm.clone());
             vm
         };

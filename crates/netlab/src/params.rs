@@ -62,6 +62,17 @@ pub struct ParamError {
 
 pub const KEYS: &str = "rate, delay, jitter, loss, burst, queue, trace, trace-scale";
 
+/// Splits `2.5mbit` into 2.5 and `mbit` (lower-cased, trimmed).
+fn number_and_unit(s: &str, example: &str) -> Result<(f64, String), String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("not a {example}"))?;
+    Ok((v, unit.to_owned()))
+}
+
 /// Parses `100mbit`, `1gbit`, `500kbit`, `2.5mbps` (bits, decimal units) or
 /// `none`/`unlimited`.
 pub fn parse_rate(s: &str) -> Result<Option<u64>, String> {
@@ -69,14 +80,8 @@ pub fn parse_rate(s: &str) -> Result<Option<u64>, String> {
     if t == "none" || t == "unlimited" {
         return Ok(None);
     }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| "not a rate (examples: 100mbit, 1gbit)".to_owned())?;
-    let mult = match unit {
+    let (v, unit) = number_and_unit(&t, "rate (examples: 100mbit, 1gbit)")?;
+    let mult = match unit.as_str() {
         "bit" | "bps" | "" => 1e0,
         "kbit" | "kbps" => 1e3,
         "mbit" | "mbps" => 1e6,
@@ -93,14 +98,8 @@ pub fn parse_rate(s: &str) -> Result<Option<u64>, String> {
 /// Parses `50ms`, `0.5s`, `200us`, `0`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim().to_ascii_lowercase();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| "not a duration (examples: 50ms, 1s)".to_owned())?;
-    let secs = match unit {
+    let (v, unit) = number_and_unit(&t, "duration (examples: 50ms, 1s)")?;
+    let secs = match unit.as_str() {
         "s" => v,
         "ms" => v / 1e3,
         "us" => v / 1e6,
@@ -130,14 +129,8 @@ pub fn parse_loss(s: &str) -> Result<f64, String> {
 /// Parses byte sizes: `256kb`, `1mb`, `64000` (decimal units, and KiB/MiB).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| "not a size (examples: 256kb, 1mb)".to_owned())?;
-    let mult = match unit {
+    let (v, unit) = number_and_unit(&t, "size (examples: 256kb, 1mb)")?;
+    let mult = match unit.as_str() {
         "" | "b" => 1.0,
         "kb" | "k" => 1e3,
         "kib" => 1024.0,
