@@ -348,6 +348,12 @@ pub async fn transfer(cmd: TransferCommand) -> anyhow::Result<()> {
                     cpu,
                     report.hash
                 );
+                for d in &report.stream_decisions {
+                    println!(
+                        "  at {:.1} s: streams {} -> {}: {}",
+                        d.at_secs, d.from, d.to, d.reason
+                    );
+                }
             }
             Ok(())
         }

@@ -199,6 +199,11 @@ fn transfer_over_a_lossy_wan_link_is_byte_exact() {
     // 24 MiB at 100 Mbit/s is 2 s; BBR under 1 % loss keeps most of it.
     assert!(rep["goodput_bps"].as_f64().unwrap_or(0.0) > 30e6, "{rep}");
     assert!(String::from_utf8_lossy(&r.stdout).contains("verified"));
+    // Auto mode explains each change of the stream count.
+    for d in rep["stream_decisions"].as_array().expect("decisions") {
+        assert!(!d["reason"].as_str().unwrap_or("").is_empty(), "{d}");
+        assert_ne!(d["from"], d["to"]);
+    }
 }
 
 #[test]

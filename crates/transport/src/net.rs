@@ -211,6 +211,16 @@ pub struct Progress {
     pub elapsed: Duration,
 }
 
+/// One change of the number of connections, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StreamDecision {
+    /// Seconds since the session started.
+    pub at_secs: f64,
+    pub from: usize,
+    pub to: usize,
+    pub reason: String,
+}
+
 /// What a finished transfer did.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TransferReport {
@@ -225,6 +235,8 @@ pub struct TransferReport {
     pub retransmitted_frames: u64,
     pub reconnects: u64,
     pub hash: String,
+    /// The stream-count controller's decisions during the transfer.
+    pub stream_decisions: Vec<StreamDecision>,
 }
 
 /// Where the receiver's verdict on a transfer (length, hash) goes.
@@ -249,6 +261,7 @@ struct ClientInner {
     max_live: AtomicUsize,
     reconnects: AtomicU64,
     retire: Mutex<Vec<u16>>,
+    decisions: Mutex<Vec<StreamDecision>>,
     fatal: Mutex<Option<String>>,
     closed: AtomicBool,
     start: Instant,
@@ -323,6 +336,7 @@ impl Session {
             max_live: AtomicUsize::new(0),
             reconnects: AtomicU64::new(0),
             retire: Mutex::new(Vec::new()),
+            decisions: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             closed: AtomicBool::new(false),
             start: Instant::now(),
@@ -384,6 +398,7 @@ impl Session {
         lock(&inner.core).open(id, class, name, size_hint)?;
         inner.wake.notify_waiters();
         let t0 = Instant::now();
+        let since = inner.start.elapsed().as_secs_f64();
         let mut last_progress = Instant::now();
         let mut max_streams = inner.live.load(Ordering::Relaxed);
         let chunk = inner.cfg.chunk_bytes.clamp(1024, crate::frame::MAX_CHUNK);
@@ -501,6 +516,11 @@ impl Session {
             retransmitted_frames: stats.frames_retransmitted - stats0.frames_retransmitted,
             reconnects: inner.reconnects.load(Ordering::Relaxed),
             hash: hex(&sent_hash),
+            stream_decisions: lock(&inner.decisions)
+                .iter()
+                .filter(|d| d.at_secs >= since)
+                .cloned()
+                .collect(),
         })
     }
 
@@ -836,6 +856,17 @@ async fn supervise(inner: Arc<ClientInner>) {
                     Decision::Hold => {}
                     Decision::Set { streams, reason } => {
                         tracing::info!(peer = %inner.peer_label, from = live, to = streams, "streams {live} -> {streams}: {reason}");
+                        let mut d = lock(&inner.decisions);
+                        if d.len() >= 1024 {
+                            d.remove(0);
+                        }
+                        d.push(StreamDecision {
+                            at_secs: inner.start.elapsed().as_secs_f64(),
+                            from: live,
+                            to: streams,
+                            reason: reason.clone(),
+                        });
+                        drop(d);
                         inner.target.store(streams, Ordering::Relaxed);
                         if streams < live {
                             let mut r = lock(&inner.retire);
