@@ -651,7 +651,19 @@ impl Receiver {
         }
         let class = Class::from_u8(class).ok_or(RecvError::BadClass(transfer))?;
         if self.transfers.len() >= MAX_TRANSFERS {
-            return Err(RecvError::TooMany(MAX_TRANSFERS));
+            // Forget the oldest finished transfer to make room; only
+            // unfinished ones count against the limit.
+            let done = self
+                .transfers
+                .iter()
+                .find(|(_, t)| t.done)
+                .map(|(&id, _)| id);
+            match done {
+                Some(id) => {
+                    self.transfers.remove(&id);
+                }
+                None => return Err(RecvError::TooMany(MAX_TRANSFERS)),
+            }
         }
         self.transfers.insert(
             transfer,
@@ -951,6 +963,25 @@ mod tests {
         assert!(matches!(
             r.handle_open(3, 9, "h", 0),
             Err(RecvError::BadClass(3))
+        ));
+    }
+
+    #[test]
+    fn finished_transfers_make_room_unfinished_ones_do_not() {
+        let mut r = Receiver::new(1 << 20);
+        for id in 0..MAX_TRANSFERS as u32 {
+            r.handle_open(id, 1, "t", 0).expect("open");
+        }
+        assert_eq!(
+            r.handle_open(5000, 1, "t", 0),
+            Err(RecvError::TooMany(MAX_TRANSFERS))
+        );
+        r.handle_data(7, 0, true, vec![1])
+            .expect("finish transfer 7");
+        assert!(r.handle_open(5000, 1, "t", 0).expect("room").is_some());
+        assert!(matches!(
+            r.handle_data(7, 0, true, vec![1]),
+            Err(RecvError::Unknown(7))
         ));
     }
 }
