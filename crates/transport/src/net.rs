@@ -63,6 +63,8 @@ pub enum TransportError {
     },
     #[error("cannot read the data to send")]
     Source(#[source] std::io::Error),
+    #[error("invalid transport config: {0}")]
+    Config(String),
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -128,6 +130,40 @@ impl Default for TransportConfig {
             resume_timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+impl TransportConfig {
+    /// Checks the settings; connect and bind refuse a config that fails.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        let bad = |m: String| Err(TransportError::Config(m));
+        if let Streams::Fixed(n) = self.streams {
+            if !(1..=MAX_STREAMS).contains(&n) {
+                return bad(format!("streams {n}: 1 to {MAX_STREAMS}"));
+            }
+        }
+        if !(4096..=crate::frame::MAX_CHUNK).contains(&self.chunk_bytes) {
+            return bad(format!("chunk_bytes {}: 4 KiB to 1 MiB", self.chunk_bytes));
+        }
+        if self.window_bytes < crate::frame::MAX_CHUNK as u64 || self.window_bytes > 4 << 30 {
+            return bad(format!(
+                "window_bytes {}: 1 MiB to 4 GiB",
+                self.window_bytes
+            ));
+        }
+        if self.handshake_timeout.is_zero()
+            || self.resume_timeout.is_zero()
+            || self.stall_timeout.is_zero()
+        {
+            return bad("timeouts must be above zero".into());
+        }
+        if self.congestion.is_empty() || self.congestion.len() > 15 {
+            return bad(format!(
+                "congestion {:?}: a kernel algorithm name",
+                self.congestion
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -301,6 +337,7 @@ impl Session {
         expect: Option<&str>,
         cfg: TransportConfig,
     ) -> Result<Session, TransportError> {
+        cfg.validate()?;
         let client = identity.client_config(expect)?;
         let name = expect.unwrap_or("dwcp-peer").to_owned();
         let server_name =
@@ -927,6 +964,7 @@ impl Listener {
         identity: &Arc<NodeIdentity>,
         cfg: TransportConfig,
     ) -> Result<Listener, TransportError> {
+        cfg.validate()?;
         let server = identity.server_config()?;
         let tcp = TcpListener::bind(addr)
             .await
@@ -1267,4 +1305,44 @@ async fn server_frame(
         other => return Err(format!("{peer}: unexpected {} frame", other.kind_name())),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_checked() {
+        assert!(TransportConfig::default().validate().is_ok());
+        for bad in [
+            TransportConfig {
+                chunk_bytes: 10,
+                ..TransportConfig::default()
+            },
+            TransportConfig {
+                window_bytes: 1,
+                ..TransportConfig::default()
+            },
+            TransportConfig {
+                streams: Streams::Fixed(0),
+                ..TransportConfig::default()
+            },
+            TransportConfig {
+                stall_timeout: Duration::ZERO,
+                ..TransportConfig::default()
+            },
+            TransportConfig {
+                congestion: String::new(),
+                ..TransportConfig::default()
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(TransportError::Config(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!("auto".parse::<Streams>(), Ok(Streams::Auto));
+        assert_eq!("4".parse::<Streams>(), Ok(Streams::Fixed(4)));
+        assert!("17".parse::<Streams>().is_err() && "0".parse::<Streams>().is_err());
+    }
 }
