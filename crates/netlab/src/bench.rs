@@ -88,22 +88,7 @@ impl Bench {
         lab.stats()
             .into_iter()
             .find(|s| s.from == "a" && s.to == "b")
-            .unwrap_or_else(|| LinkStats {
-                from: "a".into(),
-                to: "b".into(),
-                settings: String::new(),
-                queue_limit_bytes: 0,
-                arrived_packets: 0,
-                arrived_bytes: 0,
-                delivered_packets: 0,
-                delivered_bytes: 0,
-                lost_packets: 0,
-                lost_bytes: 0,
-                queue_drop_packets: 0,
-                queue_drop_bytes: 0,
-                held_packets: 0,
-                write_errors: 0,
-            })
+            .unwrap_or_default()
     }
 
     fn rate(&mut self) -> anyhow::Result<()> {

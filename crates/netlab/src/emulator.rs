@@ -39,7 +39,7 @@ struct Counters {
 }
 
 /// Counters and settings of one direction of one link.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct LinkStats {
     pub from: String,
     pub to: String,
