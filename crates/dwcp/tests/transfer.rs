@@ -72,7 +72,19 @@ impl Pki {
     }
 }
 
-fn recv(lab: &Lab, pki: &Pki, tls: &str, out: &Path) -> Child {
+/// A child process that is killed if the test ends (or panics) first.
+struct Proc(Option<Child>);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn recv(lab: &Lab, pki: &Pki, tls: &str, out: &Path) -> Proc {
     let addr = format!("{}:7481", lab.addr("b").expect("b"));
     lab.command("b", BIN)
         .expect("cmd")
@@ -89,10 +101,11 @@ fn recv(lab: &Lab, pki: &Pki, tls: &str, out: &Path) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(|c| Proc(Some(c)))
         .expect("recv")
 }
 
-fn send(lab: &Lab, pki: &Pki, tls: &str, file: &Path, extra: &[&str]) -> Child {
+fn send(lab: &Lab, pki: &Pki, tls: &str, file: &Path, extra: &[&str]) -> Proc {
     let to = format!("{}:7481", lab.addr("b").expect("b"));
     lab.command("a", BIN)
         .expect("cmd")
@@ -103,10 +116,12 @@ fn send(lab: &Lab, pki: &Pki, tls: &str, file: &Path, extra: &[&str]) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(|c| Proc(Some(c)))
         .expect("send")
 }
 
-fn finish(child: Child, within: Duration) -> Output {
+fn finish(mut proc: Proc, within: Duration) -> Output {
+    let child = proc.0.take().expect("running");
     let pid = child.id();
     let killer = std::thread::spawn(move || {
         let deadline = Instant::now() + within;

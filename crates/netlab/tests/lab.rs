@@ -328,9 +328,19 @@ fn namespaces(prefix: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Takes a CLI-made lab down when the test ends, also if it panics.
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = netlab(&["down", &self.0]);
+    }
+}
+
 #[test]
 fn cli_up_exec_set_stats_down() {
     let name = format!("c{}", std::process::id() % 100_000);
+    let _down = Down(name.clone());
     let (ok, out) = netlab(&[
         "up",
         &name,
@@ -380,6 +390,7 @@ fn cli_up_exec_set_stats_down() {
 #[test]
 fn down_cleans_a_lab_whose_emulator_was_killed() {
     let name = format!("k{}", std::process::id() % 100_000);
+    let _down = Down(name.clone());
     let (ok, out) = netlab(&["up", &name, "--hosts", "a,b"]);
     assert!(ok, "{out}");
     let state: serde_json::Value = serde_json::from_str(
@@ -404,6 +415,7 @@ fn down_cleans_a_lab_whose_emulator_was_killed() {
 #[test]
 fn bad_options_create_nothing() {
     let name = format!("b{}", std::process::id() % 100_000);
+    let _down = Down(name.clone());
     for (args, want) in [
         (vec!["--hosts", "h1"], "2 to 16 hosts"),
         (vec!["--hosts", "h1,h1"], "named twice"),
