@@ -210,10 +210,26 @@ pub async fn launch(
             });
         }
         if spec.qmp_socket.exists() {
-            match Qmp::connect(&spec.qmp_socket, qmp_timeout).await {
+            // QEMU answers commands only once machine set-up is done (disk
+            // images opened and so on): an answer means it really started.
+            let up = match Qmp::connect(&spec.qmp_socket, qmp_timeout).await {
+                Ok(qmp) => qmp.execute("query-status", None).await.map(|_| qmp),
+                Err(e) => Err(e),
+            };
+            match up {
                 Ok(qmp) => return Ok(Launched { pid, child, qmp }),
                 Err(QmpError::Connect { .. }) => {}
                 Err(e) => {
+                    // QEMU may open its QMP socket and then exit (a bad disk
+                    // image, say): its own reason beats our broken socket.
+                    if let Ok(Ok(status)) =
+                        tokio::time::timeout(Duration::from_secs(2), child.wait()).await
+                    {
+                        return Err(QemuError::EarlyExit {
+                            status: describe_exit(status),
+                            stderr: log_tail(&spec.qemu_log, 5),
+                        });
+                    }
                     let _ = child.start_kill();
                     return Err(e.into());
                 }
