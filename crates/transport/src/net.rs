@@ -596,13 +596,7 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), Tr
         .map_err(|_| TransportError::Timeout { addr, after: to })?
         .map_err(|source| TransportError::Handshake { addr, source })?;
     let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(cert_node_name)
-        .unwrap_or_else(|| "?".into());
+    let peer = peer_name(tls.get_ref().1);
     let mut tls = tls;
     let mut hello = Vec::new();
     Frame::Hello {
@@ -656,6 +650,15 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), Tr
     lock(&inner.core).set_window(window);
     tracing::info!(peer = %peer, conn, congestion = %algo, "connection up");
     Ok(((conn, tls), rest))
+}
+
+/// The node name in the certificate the peer presented on this connection.
+fn peer_name(state: &rustls::CommonState) -> String {
+    state
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(cert_node_name)
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Bytes the decoder holds beyond the frames taken (re-fed to the reader).
@@ -1051,13 +1054,7 @@ async fn serve_conn(
         }
         Ok(Ok(t)) => t,
     };
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(cert_node_name)
-        .unwrap_or_else(|| "?".into());
+    let peer = peer_name(tls.get_ref().1);
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; 256 * 1024];
     let hello = tokio::time::timeout(to, async {
