@@ -1,0 +1,301 @@
+use std::collections::BTreeMap;
+
+use dwcp_vmstream::{
+    ram_section_end, ram_section_header, write_page, Item, PageData, SectionKind, StreamParser,
+    PAGE_SIZE,
+};
+use redb::ReadableTable;
+
+use super::*;
+use crate::store::OBJECTS;
+
+const RAM_PAGES: u64 = 256;
+
+/// Guest memory: page index -> content (absent = zero).
+type Memory = BTreeMap<u64, Box<[u8; PAGE_SIZE]>>;
+
+fn text_page(seed: u64) -> Box<[u8; PAGE_SIZE]> {
+    let words = [
+        "alpha ", "beta ", "gamma ", "delta ", "epsilon ", "zeta ", "eta ",
+    ];
+    let mut p = Box::new([0u8; PAGE_SIZE]);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut at = 0;
+    while at < PAGE_SIZE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let w = words[(x % 7) as usize].as_bytes();
+        let n = w.len().min(PAGE_SIZE - at);
+        p[at..at + n].copy_from_slice(&w[..n]);
+        at += n;
+    }
+    p[..8].copy_from_slice(&seed.to_le_bytes());
+    p
+}
+
+/// A QEMU-shaped stream: every page once in a PART (as QEMU's first round),
+/// `resent` pages again in the END section, then device state.
+fn stream(first: &Memory, last: &Memory, resent: &[u64]) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(b"QEVM\0\0\0\x03");
+    s.extend_from_slice(b"\x07\0\0\0\x0bpc-q35-10.0");
+    s.extend_from_slice(b"\x01\0\0\0\x01\x03ram\0\0\0\0\0\0\0\x04");
+    let ram = RAM_PAGES * PAGE_SIZE as u64;
+    s.extend_from_slice(&((ram + 4096) | 0x04).to_be_bytes());
+    s.push(6);
+    s.extend_from_slice(b"pc.ram");
+    s.extend_from_slice(&ram.to_be_bytes());
+    s.push(7);
+    s.extend_from_slice(b"pc.bios");
+    s.extend_from_slice(&4096u64.to_be_bytes());
+    s.extend_from_slice(&ram_section_end(1));
+    s.extend_from_slice(&ram_section_header(SectionKind::Part, 1));
+    for i in 0..RAM_PAGES {
+        let data = match first.get(&i) {
+            Some(p) => PageData::Full(p.clone()),
+            None => PageData::Fill(0),
+        };
+        write_page(&mut s, i * 4096, (i == 0).then_some("pc.ram"), &data);
+    }
+    write_page(&mut s, 0, Some("pc.bios"), &PageData::Full(text_page(999)));
+    s.extend_from_slice(&ram_section_end(1));
+    s.extend_from_slice(&[8, 0, 11, 0, 0]);
+    s.extend_from_slice(&ram_section_header(SectionKind::End, 1));
+    for (n, i) in resent.iter().enumerate() {
+        let data = match last.get(i) {
+            Some(p) => PageData::Full(p.clone()),
+            None => PageData::Fill(0),
+        };
+        write_page(&mut s, i * 4096, (n == 0).then_some("pc.ram"), &data);
+    }
+    s.extend_from_slice(&ram_section_end(1));
+    s.extend_from_slice(b"\x04\0\0\0\x02\x05timer\0\0\0\0\0\0\0\x02\x01\x02\x7e\0\0\0\x02\x00");
+    let json = br#"{"page_size": 4096}"#;
+    s.push(6);
+    s.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    s.extend_from_slice(json);
+    s
+}
+
+fn memory(seeds: impl IntoIterator<Item = (u64, u64)>) -> Memory {
+    seeds
+        .into_iter()
+        .map(|(i, seed)| (i, text_page(seed)))
+        .collect()
+}
+
+fn checkpoint(store: &PageStore, vm: &str, bytes: &[u8]) -> Result<Manifest, HdeError> {
+    let mut w = store.begin_checkpoint(vm)?;
+    let mut p = StreamParser::new();
+    for chunk in bytes.chunks(10_000) {
+        p.feed(chunk);
+        while let Some(item) = p.next_item().map_err(|e| HdeError::Stream(e.to_string()))? {
+            w.push(item)?;
+        }
+    }
+    w.finish(serde_json::json!({"spec": vm}), Some(12), Some(10))
+}
+
+/// Restores `id` and returns the memory the stream would give QEMU.
+fn restored_memory(store: &PageStore, id: &str) -> Result<Memory, HdeError> {
+    let mut r = store.restore_stream(id)?;
+    let mut p = StreamParser::new();
+    let mut mem = Memory::new();
+    while let Some(chunk) = r.next_chunk(50_000)? {
+        p.feed(&chunk);
+        while let Some(item) = p.next_item().unwrap() {
+            if let Item::Page(rec) = item {
+                if rec.block != 0 {
+                    continue;
+                }
+                let index = rec.page_index();
+                match rec.data {
+                    PageData::Fill(0) => {
+                        mem.remove(&index);
+                    }
+                    PageData::Full(d) => {
+                        mem.insert(index, d);
+                    }
+                    PageData::Fill(_) => panic!("nonzero fill"),
+                }
+            }
+        }
+    }
+    p.finish().unwrap();
+    Ok(mem)
+}
+
+fn open() -> (tempfile::TempDir, PageStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = PageStore::open(&dir.path().join("pages.redb"), 3).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn a_checkpoint_restores_the_final_version_of_every_page() {
+    let (_d, store) = open();
+    let first = memory((0..200).map(|i| (i, i)));
+    let mut last = first.clone();
+    last.insert(5, text_page(5000));
+    last.remove(&7);
+    last.insert(250, text_page(250));
+    let m = checkpoint(&store, "web", &stream(&first, &last, &[5, 7, 250])).unwrap();
+    assert_eq!(m.id, "web@1");
+    assert_eq!(m.stats.pages, RAM_PAGES + 1);
+    assert_eq!(m.stats.changed_pages, 201);
+    assert_eq!(m.stats.page_records, RAM_PAGES + 1 + 3);
+    // Page 5's first version was superseded in the same stream.
+    assert_eq!(m.stats.new_pages, 201);
+    assert!(m.stats.superseded_bytes > 0);
+    assert_eq!(m.stats.pause_ms, Some(12));
+    assert_eq!(restored_memory(&store, "web@1").unwrap(), last);
+    assert!(store.verify(None).unwrap().ok());
+    // Nothing but what the checkpoint needs is kept.
+    assert_eq!(store.collect_garbage().unwrap().objects_removed, 0);
+    assert_eq!(store.usage().unwrap().objects, 201 + 3);
+}
+
+#[test]
+fn an_incremental_checkpoint_stores_little_more_than_what_changed() {
+    let (_d, store) = open();
+    let one = memory((0..250).map(|i| (i, i)));
+    let a = checkpoint(&store, "web", &stream(&one, &one, &[])).unwrap();
+    // Small writes to 20 pages, full rewrites of 5.
+    let mut two = one.clone();
+    for i in 0..20u64 {
+        two.get_mut(&(i * 7)).unwrap()[100..108].copy_from_slice(b"CHANGED!");
+    }
+    for i in 0..5u64 {
+        two.insert(200 + i, text_page(10_000 + i));
+    }
+    let b = checkpoint(&store, "web", &stream(&two, &two, &[])).unwrap();
+    assert_eq!(b.parent.as_deref(), Some("web@1"));
+    assert_eq!(b.stats.changed_pages, 25);
+    assert_eq!(b.stats.new_pages, 25);
+    assert_eq!(b.stats.delta_pages, 20);
+    let dirtied = 25 * PAGE_SIZE as u64;
+    assert!(
+        b.stats.stored_bytes * 2 < dirtied * 3,
+        "{} stored for {dirtied} dirtied",
+        b.stats.stored_bytes
+    );
+    assert!(b.stats.stored_bytes * 4 < a.stats.stored_bytes);
+    assert_eq!(restored_memory(&store, "web@2").unwrap(), two);
+    assert_eq!(restored_memory(&store, "web@1").unwrap(), one);
+
+    // Deleting the parent keeps the child whole; the deltas' bases stay.
+    store.delete("web@1").unwrap();
+    assert_eq!(store.manifest("web@2").unwrap().parent, None);
+    assert_eq!(restored_memory(&store, "web@2").unwrap(), two);
+    assert!(store.verify(None).unwrap().ok());
+    // Ids are never reused.
+    let c = checkpoint(&store, "web", &stream(&two, &two, &[])).unwrap();
+    assert_eq!(c.id, "web@3");
+    assert_eq!(c.stats.new_pages, 0);
+}
+
+#[test]
+fn identical_pages_are_kept_once_across_vms() {
+    let (_d, store) = open();
+    let mem = memory((0..100).map(|i| (i, i)));
+    checkpoint(&store, "a", &stream(&mem, &mem, &[])).unwrap();
+    let before = store.usage().unwrap();
+    let b = checkpoint(&store, "b", &stream(&mem, &mem, &[])).unwrap();
+    assert_eq!(b.parent, None);
+    assert_eq!(b.stats.new_pages, 0);
+    assert_eq!(store.usage().unwrap().objects, before.objects);
+    store.delete("a@1").unwrap();
+    assert_eq!(restored_memory(&store, "b@1").unwrap(), mem);
+    store.delete("b@1").unwrap();
+    assert_eq!(store.usage().unwrap().objects, 0);
+}
+
+#[test]
+fn a_corrupt_or_missing_page_is_named_and_the_restore_refused() {
+    let (_d, store) = open();
+    let mem = memory((0..50).map(|i| (i, i)));
+    checkpoint(&store, "web", &stream(&mem, &mem, &[])).unwrap();
+    let (_, map) = store.page_map("web@1").unwrap();
+    let victim = *map.get(0, 17).unwrap();
+    // Flip one byte of the stored object.
+    let tx = store.db.begin_write().unwrap();
+    {
+        let mut t = tx.open_table(OBJECTS).unwrap();
+        let mut v = t.get(&victim.0[..]).unwrap().unwrap().value().to_vec();
+        let n = v.len();
+        v[n / 2] ^= 0x55;
+        t.insert(&victim.0[..], v.as_slice()).unwrap();
+    }
+    tx.commit().unwrap();
+    let err = restored_memory(&store, "web@1").unwrap_err().to_string();
+    assert!(
+        err.contains(&victim.to_string()) && err.contains("offset 0x11000"),
+        "{err}"
+    );
+    let report = store.verify(None).unwrap();
+    assert!(!report.ok());
+    assert_eq!(report.corrupt_objects.len(), 1);
+    assert!(report.checkpoints[0].problems[0].contains("offset 0x11000"));
+    let one = store.verify(Some("web@1")).unwrap();
+    assert_eq!(one.checkpoints[0].problems.len(), 1);
+
+    // A missing page refuses the restore before any byte is produced.
+    let tx = store.db.begin_write().unwrap();
+    tx.open_table(OBJECTS)
+        .unwrap()
+        .remove(&victim.0[..])
+        .unwrap();
+    tx.commit().unwrap();
+    let err = store.restore_stream("web@1").err().unwrap();
+    assert!(matches!(err, HdeError::MissingPage { .. }), "{err}");
+    assert!(err.to_string().contains("is missing"), "{err}");
+}
+
+#[test]
+fn truncated_or_foreign_streams_leave_the_store_as_it_was() {
+    let (_d, store) = open();
+    let mem = memory((0..120).map(|i| (i, i)));
+    let good = stream(&mem, &mem, &[]);
+    checkpoint(&store, "web", &good).unwrap();
+    let before = store.usage().unwrap();
+    let other = memory((0..120).map(|i| (i, i + 777)));
+    let s = stream(&other, &other, &[]);
+    for cut in [s.len() / 2, s.len() - 3, 40] {
+        let err = checkpoint(&store, "web", &s[..cut]).unwrap_err();
+        assert!(err.to_string().contains("stream"), "{err}");
+        assert_eq!(
+            store.usage().unwrap().objects,
+            before.objects,
+            "cut at {cut}"
+        );
+    }
+    assert_eq!(store.list().unwrap().len(), 1);
+    assert_eq!(restored_memory(&store, "web@1").unwrap(), mem);
+}
+
+#[test]
+fn objects_of_an_interrupted_checkpoint_are_collected() {
+    let (_d, store) = open();
+    let mem = memory((0..300).map(|i| (i % RAM_PAGES, i)));
+    let s = stream(&mem, &mem, &[]);
+    let mut w = store.begin_checkpoint("web").unwrap();
+    let mut p = StreamParser::new();
+    p.feed(&s[..s.len() * 9 / 10]);
+    while let Some(item) = p.next_item().unwrap() {
+        w.push(item).unwrap();
+    }
+    // As if the process died: no clean-up runs. A durable commit by
+    // someone else makes the writer's batches durable too.
+    std::mem::forget(w);
+    store.next_id("other").unwrap();
+    let store2 = {
+        let path = store.path().to_path_buf();
+        drop(store);
+        PageStore::open(&path, 3).unwrap()
+    };
+    assert!(store2.usage().unwrap().objects > 0);
+    let gc = store2.collect_garbage().unwrap();
+    assert!(gc.objects_removed > 0);
+    assert_eq!(store2.usage().unwrap().objects, 0);
+}
