@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub qmp_timeout: Duration,
     /// VMs may together be given at most this share of host memory.
     pub memory_overcommit: f64,
+    /// zstd level for new pages in the page store (1 fastest, 19 smallest).
+    pub checkpoint_zstd_level: i32,
 }
 
 mod secs {
@@ -87,6 +89,7 @@ impl Default for AgentConfig {
             stop_timeout: Duration::from_secs(30),
             qmp_timeout: Duration::from_secs(10),
             memory_overcommit: 1.0,
+            checkpoint_zstd_level: 3,
         }
     }
 }
@@ -152,6 +155,12 @@ impl AgentConfig {
             return bad(format!(
                 "memory_overcommit {} is out of range (0.1 to 8)",
                 self.memory_overcommit
+            ));
+        }
+        if !(1..=19).contains(&self.checkpoint_zstd_level) {
+            return bad(format!(
+                "checkpoint_zstd_level {} is out of range (1 to 19)",
+                self.checkpoint_zstd_level
             ));
         }
         Ok(())

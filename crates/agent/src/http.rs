@@ -14,7 +14,10 @@ use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dwcp_api::{ErrorBody, ErrorCode, NodeInfo, StopRequest, VmInfo, VmSpec, VmState};
+use dwcp_api::{
+    CheckpointHealth, CheckpointInfo, DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo,
+    RestoreRequest, StopRequest, VerifyResult, VmInfo, VmSpec, VmState,
+};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -234,6 +237,69 @@ async fn resume(State(m): Mgr, Path(name): Path<String>) -> Result<Json<VmInfo>,
     Ok(Json(m.resume(&name).await?))
 }
 
+#[derive(Deserialize, IntoParams)]
+pub struct VerifyQuery {
+    /// Verify only this checkpoint (default: every object in the store).
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// Takes a live checkpoint; the VM keeps running (its pause is reported).
+#[utoipa::path(post, path = "/v1/vms/{name}/checkpoint", params(("name" = String, Path)),
+    responses((status = 200, body = CheckpointInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn checkpoint(
+    State(m): Mgr,
+    Path(name): Path<String>,
+) -> Result<Json<CheckpointInfo>, ApiError> {
+    Ok(Json(m.checkpoint(&name).await?))
+}
+
+#[utoipa::path(get, path = "/v1/checkpoints", responses((status = 200, body = Vec<CheckpointInfo>), (status = 500, body = ErrorBody)))]
+async fn checkpoints(State(m): Mgr) -> Result<Json<Vec<CheckpointInfo>>, ApiError> {
+    Ok(Json(m.checkpoints().await?))
+}
+
+#[utoipa::path(get, path = "/v1/checkpoints/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = CheckpointInfo), (status = 404, body = ErrorBody)))]
+async fn show_checkpoint(
+    State(m): Mgr,
+    Path(id): Path<String>,
+) -> Result<Json<CheckpointInfo>, ApiError> {
+    Ok(Json(m.show_checkpoint(&id).await?))
+}
+
+/// Deletes a checkpoint; later checkpoints of the VM stay whole.
+#[utoipa::path(delete, path = "/v1/checkpoints/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = DeleteCheckpointResult), (status = 404, body = ErrorBody)))]
+async fn delete_checkpoint(
+    State(m): Mgr,
+    Path(id): Path<String>,
+) -> Result<Json<DeleteCheckpointResult>, ApiError> {
+    Ok(Json(m.delete_checkpoint(&id).await?))
+}
+
+/// Starts a new VM from a checkpoint.
+#[utoipa::path(post, path = "/v1/checkpoints/{id}/restore", params(("id" = String, Path)), request_body = RestoreRequest,
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn restore(
+    State(m): Mgr,
+    Path(id): Path<String>,
+    Required(req): Required<RestoreRequest>,
+) -> Result<Json<VmInfo>, ApiError> {
+    Ok(Json(m.restore(&id, &req.name).await?))
+}
+
+/// Re-hashes stored objects and checks that checkpoints have all they need.
+#[utoipa::path(post, path = "/v1/checkpoints/verify", params(VerifyQuery),
+    responses((status = 200, body = VerifyResult), (status = 404, body = ErrorBody)))]
+async fn verify_checkpoints(
+    State(m): Mgr,
+    ApiQuery(q): ApiQuery<VerifyQuery>,
+) -> Result<Json<VerifyResult>, ApiError> {
+    Ok(Json(m.verify_checkpoints(q.id).await?))
+}
+
 /// The serial console output; with `follow`, a stream that ends when the VM
 /// no longer runs.
 #[utoipa::path(get, path = "/v1/vms/{name}/console", params(("name" = String, Path), ConsoleQuery),
@@ -334,8 +400,38 @@ async fn wrong_method() -> Response {
         title = "dwcp agent API",
         description = "Manage the virtual machines of one dwcp node."
     ),
-    paths(node, list, create, show, delete, start, stop, pause, resume, console),
-    components(schemas(VmSpec, VmInfo, VmState, StopRequest, NodeInfo, ErrorBody, ErrorCode))
+    paths(
+        node,
+        list,
+        create,
+        show,
+        delete,
+        start,
+        stop,
+        pause,
+        resume,
+        console,
+        checkpoint,
+        checkpoints,
+        show_checkpoint,
+        delete_checkpoint,
+        restore,
+        verify_checkpoints
+    ),
+    components(schemas(
+        VmSpec,
+        VmInfo,
+        VmState,
+        StopRequest,
+        NodeInfo,
+        ErrorBody,
+        ErrorCode,
+        CheckpointInfo,
+        RestoreRequest,
+        VerifyResult,
+        CheckpointHealth,
+        DeleteCheckpointResult
+    ))
 )]
 pub struct ApiDoc;
 
@@ -356,6 +452,14 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/pause", post(pause))
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/checkpoint", post(checkpoint))
+        .route("/v1/checkpoints", get(checkpoints))
+        .route("/v1/checkpoints/verify", post(verify_checkpoints))
+        .route(
+            "/v1/checkpoints/{id}",
+            get(show_checkpoint).delete(delete_checkpoint),
+        )
+        .route("/v1/checkpoints/{id}/restore", post(restore))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -12,8 +12,13 @@
 //! background → serve until the shutdown future resolves. QEMU processes are
 //! left running when the agent exits; the next agent finds them again.
 //!
-//! What it does not do (yet): talk to other nodes, migrate, checkpoint.
+//! Checkpoints ([`Manager::checkpoint`], [`Manager::restore`]) go through
+//! the VM image stream (`dwcp-vmstream`) into the page store (`dwcp-hde`,
+//! `DATA/pages.redb`).
+//!
+//! What it does not do (yet): talk to other nodes or migrate.
 
+mod checkpoint;
 pub mod config;
 pub mod http;
 pub mod manager;
@@ -41,6 +46,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Qemu(#[from] dwcp_hypervisor::QemuError),
+    #[error("cannot open the page store")]
+    Pages(#[from] dwcp_hde::HdeError),
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,

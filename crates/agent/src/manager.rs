@@ -58,6 +58,16 @@ pub enum AgentError {
     StopFailed { name: String, detail: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Checkpoint(#[from] dwcp_hde::HdeError),
+    #[error("checkpoint of VM {name:?} failed: {detail}")]
+    CheckpointFailed { name: String, detail: String },
+    #[error("restore of {checkpoint} as VM {name:?} failed: {detail}")]
+    RestoreFailed {
+        checkpoint: String,
+        name: String,
+        detail: String,
+    },
     #[error("cannot use {path}")]
     Io {
         path: PathBuf,
@@ -77,6 +87,17 @@ impl AgentError {
             AgentError::Qmp { .. } => ErrorCode::QmpFailed,
             AgentError::Store(_) => ErrorCode::StoreFailed,
             AgentError::Io { .. } => ErrorCode::Internal,
+            AgentError::Checkpoint(e) => match e {
+                dwcp_hde::HdeError::NoSuchCheckpoint(_) => ErrorCode::CheckpointNotFound,
+                dwcp_hde::HdeError::MissingPage { .. }
+                | dwcp_hde::HdeError::CorruptPage { .. }
+                | dwcp_hde::HdeError::CorruptBlob { .. }
+                | dwcp_hde::HdeError::CorruptManifest { .. } => ErrorCode::CheckpointCorrupt,
+                _ => ErrorCode::CheckpointFailed,
+            },
+            AgentError::CheckpointFailed { .. } | AgentError::RestoreFailed { .. } => {
+                ErrorCode::CheckpointFailed
+            }
         }
     }
 }
@@ -88,13 +109,13 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-struct VmCell {
-    rec: VmRecord,
-    qmp: Option<Arc<Qmp>>,
+pub(crate) struct VmCell {
+    pub(crate) rec: VmRecord,
+    pub(crate) qmp: Option<Arc<Qmp>>,
     /// Set while the agent itself ends QEMU, so its exit is not a crash.
     stopping: bool,
     /// The guest asked to power off (QMP `SHUTDOWN` with `guest: true`).
@@ -103,11 +124,11 @@ struct VmCell {
     run: u64,
 }
 
-struct Vm {
-    name: String,
-    dir: PathBuf,
-    op: tokio::sync::Mutex<()>,
-    cell: Mutex<VmCell>,
+pub(crate) struct Vm {
+    pub(crate) name: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) op: tokio::sync::Mutex<()>,
+    pub(crate) cell: Mutex<VmCell>,
     state_tx: watch::Sender<VmState>,
 }
 
@@ -136,11 +157,33 @@ impl Vm {
     fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
-    fn qemu_log(&self) -> PathBuf {
+    pub(crate) fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")
     }
-    fn state(&self) -> VmState {
+    pub(crate) fn state(&self) -> VmState {
         lock(&self.cell).rec.state
+    }
+
+    pub(crate) fn launch_spec(
+        &self,
+        spec: &VmSpec,
+        accel: Accel,
+        incoming: Option<PathBuf>,
+    ) -> LaunchSpec {
+        LaunchSpec {
+            name: self.name.clone(),
+            vcpus: spec.vcpus,
+            memory_bytes: spec.memory_bytes,
+            kernel: spec.kernel.as_ref().map(PathBuf::from),
+            initrd: spec.initrd.as_ref().map(PathBuf::from),
+            append: spec.append.clone(),
+            disk: spec.disk.as_ref().map(PathBuf::from),
+            accel,
+            qmp_socket: self.qmp_socket(),
+            console_log: self.console_log(),
+            qemu_log: self.qemu_log(),
+            incoming,
+        }
     }
 }
 
@@ -153,10 +196,12 @@ enum ExitWatch {
 }
 
 pub struct Manager {
-    cfg: AgentConfig,
+    pub(crate) cfg: AgentConfig,
     node_name: String,
     store: Store,
-    qemu: QemuBinary,
+    /// Checkpoints and their pages.
+    pub(crate) pages: Arc<dwcp_hde::PageStore>,
+    pub(crate) qemu: QemuBinary,
     accel: watch::Receiver<Option<AccelReport>>,
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
 }
@@ -173,6 +218,16 @@ impl Manager {
             }
         })?;
         let store = Store::open(&cfg.data_dir.join("agent.redb"))?;
+        let pages_path = cfg.data_dir.join("pages.redb");
+        let level = cfg.checkpoint_zstd_level;
+        let pages = tokio::task::spawn_blocking(move || {
+            let pages = dwcp_hde::PageStore::open(&pages_path, level)?;
+            // Whatever an interrupted checkpoint left behind.
+            pages.collect_garbage()?;
+            Ok::<_, dwcp_hde::HdeError>(pages)
+        })
+        .await
+        .map_err(|e| StartError::Pages(dwcp_hde::HdeError::Stream(e.to_string())))??;
         let qemu = QemuBinary::detect(&cfg.qemu_binary).await?;
         let node_name = cfg.node_name.clone().unwrap_or_else(host_name);
         let (accel_tx, accel) = watch::channel(None);
@@ -214,6 +269,7 @@ impl Manager {
             cfg,
             node_name,
             store,
+            pages: Arc::new(pages),
             qemu,
             accel,
             vms: Mutex::new(vms),
@@ -235,7 +291,19 @@ impl Manager {
                     match Qmp::connect(&vm.qmp_socket(), self.cfg.qmp_timeout).await {
                         Ok(qmp) => {
                             let status = qmp.execute("query-status", None).await;
-                            let paused = matches!(&status, Ok(s) if s["running"] == false);
+                            let mut paused = matches!(&status, Ok(s) if s["running"] == false);
+                            // A checkpoint completed but the agent died before
+                            // it could resume the guest.
+                            let postmigrate =
+                                matches!(&status, Ok(s) if s["status"] == "postmigrate");
+                            if paused && postmigrate && desired == VmState::Running {
+                                match qmp.execute("cont", None).await {
+                                    Ok(_) => paused = false,
+                                    Err(e) => {
+                                        tracing::warn!(vm = %vm.name, error = %e, "cannot resume VM left paused by a checkpoint")
+                                    }
+                                }
+                            }
                             self.attach(&vm, Arc::new(qmp), ExitWatch::Pid(rt.pid), paused, None);
                             tracing::info!(vm = %vm.name, pid = rt.pid, "re-attached to running QEMU");
                             continue;
@@ -261,14 +329,14 @@ impl Manager {
         }
     }
 
-    fn persist(&self, vm: &Vm, cell: &VmCell) {
+    pub(crate) fn persist(&self, vm: &Vm, cell: &VmCell) {
         if let Err(e) = self.store.put(&cell.rec) {
             tracing::error!(vm = %vm.name, error = %e, "cannot save VM record");
         }
         vm.state_tx.send_replace(cell.rec.state);
     }
 
-    fn vm(&self, name: &str) -> Result<Arc<Vm>, AgentError> {
+    pub(crate) fn vm(&self, name: &str) -> Result<Arc<Vm>, AgentError> {
         lock(&self.vms)
             .get(name)
             .cloned()
@@ -276,7 +344,7 @@ impl Manager {
     }
 
     /// The accelerator report, waiting for detection if it still runs.
-    async fn accel(&self) -> AccelReport {
+    pub(crate) async fn accel(&self) -> AccelReport {
         let mut rx = self.accel.clone();
         let report = match rx.wait_for(Option::is_some).await {
             Ok(r) => r.clone(),
@@ -308,7 +376,7 @@ impl Manager {
         }
     }
 
-    fn info(&self, vm: &Vm) -> VmInfo {
+    pub(crate) fn info(&self, vm: &Vm) -> VmInfo {
         let c = lock(&vm.cell);
         let rt = c.rec.runtime.as_ref().filter(|_| c.rec.state.has_process());
         VmInfo {
@@ -336,7 +404,7 @@ impl Manager {
     }
 
     /// Checks what depends on this host: files exist, memory fits.
-    fn check_host(&self, spec: &VmSpec, except: Option<&str>) -> Result<(), AgentError> {
+    pub(crate) fn check_host(&self, spec: &VmSpec, except: Option<&str>) -> Result<(), AgentError> {
         for (what, path) in [
             ("kernel", &spec.kernel),
             ("initrd", &spec.initrd),
@@ -458,34 +526,13 @@ impl Manager {
             path: vm.dir.clone(),
             source,
         })?;
-        let launch_spec = LaunchSpec {
-            name: vm.name.clone(),
-            vcpus: spec.vcpus,
-            memory_bytes: spec.memory_bytes,
-            kernel: spec.kernel.as_ref().map(PathBuf::from),
-            initrd: spec.initrd.as_ref().map(PathBuf::from),
-            append: spec.append.clone(),
-            disk: spec.disk.as_ref().map(PathBuf::from),
-            accel: report.accel,
-            qmp_socket: vm.qmp_socket(),
-            console_log: vm.console_log(),
-            qemu_log: vm.qemu_log(),
-        };
+        let launch_spec = vm.launch_spec(&spec, report.accel, None);
         let started = Instant::now();
         match launch(&self.qemu, &launch_spec, self.cfg.qmp_timeout).await {
             Ok(l) => {
-                {
-                    let mut c = lock(&vm.cell);
-                    c.rec.runtime = Some(Runtime {
-                        pid: l.pid,
-                        accel: report.accel.to_string(),
-                        started_unix_ms: now_unix_ms(),
-                    });
-                    c.rec.desired = VmState::Running;
-                    c.rec.last_error = None;
-                }
-                self.attach(vm, Arc::new(l.qmp), ExitWatch::Child(l.child), false, None);
-                tracing::info!(vm = %vm.name, pid = l.pid, accel = %report.accel, took_ms = started.elapsed().as_millis() as u64, "started");
+                let pid = l.pid;
+                self.adopt(vm, l, report.accel);
+                tracing::info!(vm = %vm.name, pid, accel = %report.accel, took_ms = started.elapsed().as_millis() as u64, "started");
                 Ok(())
             }
             Err(source) => {
@@ -504,6 +551,26 @@ impl Manager {
     }
 
     /// Records a live QEMU for `vm` and spawns its monitor.
+    /// Makes a freshly launched QEMU the VM's running process.
+    pub(crate) fn adopt(
+        self: &Arc<Self>,
+        vm: &Arc<Vm>,
+        l: dwcp_hypervisor::Launched,
+        accel: Accel,
+    ) {
+        {
+            let mut c = lock(&vm.cell);
+            c.rec.runtime = Some(Runtime {
+                pid: l.pid,
+                accel: accel.to_string(),
+                started_unix_ms: now_unix_ms(),
+            });
+            c.rec.desired = VmState::Running;
+            c.rec.last_error = None;
+        }
+        self.attach(vm, Arc::new(l.qmp), ExitWatch::Child(l.child), false, None);
+    }
+
     fn attach(
         self: &Arc<Self>,
         vm: &Arc<Vm>,

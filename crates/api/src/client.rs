@@ -5,7 +5,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
-use crate::types::{ErrorBody, ErrorCode, NodeInfo, StopRequest, VmInfo, VmSpec};
+use crate::types::{
+    CheckpointInfo, DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo, RestoreRequest,
+    StopRequest, VerifyResult, VmInfo, VmSpec,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -146,6 +149,45 @@ impl Client {
             req = req.json(b);
         }
         self.json(req, &p).await
+    }
+
+    pub async fn checkpoint(&self, name: &str) -> Result<CheckpointInfo, ClientError> {
+        let p = format!("/v1/vms/{name}/checkpoint");
+        self.json(self.http.post(self.url(&p)), &p).await
+    }
+
+    pub async fn checkpoints(&self) -> Result<Vec<CheckpointInfo>, ClientError> {
+        self.json(
+            self.http.get(self.url("/v1/checkpoints")),
+            "/v1/checkpoints",
+        )
+        .await
+    }
+
+    pub async fn show_checkpoint(&self, id: &str) -> Result<CheckpointInfo, ClientError> {
+        let p = format!("/v1/checkpoints/{id}");
+        self.json(self.http.get(self.url(&p)), &p).await
+    }
+
+    pub async fn delete_checkpoint(&self, id: &str) -> Result<DeleteCheckpointResult, ClientError> {
+        let p = format!("/v1/checkpoints/{id}");
+        self.json(self.http.delete(self.url(&p)), &p).await
+    }
+
+    /// Verifies one checkpoint, or the whole store when `id` is `None`.
+    pub async fn verify_checkpoints(&self, id: Option<&str>) -> Result<VerifyResult, ClientError> {
+        let p = match id {
+            Some(id) => format!("/v1/checkpoints/verify?id={id}"),
+            None => "/v1/checkpoints/verify".to_string(),
+        };
+        self.json(self.http.post(self.url(&p)), &p).await
+    }
+
+    pub async fn restore(&self, id: &str, name: &str) -> Result<VmInfo, ClientError> {
+        let p = format!("/v1/checkpoints/{id}/restore");
+        let body = RestoreRequest { name: name.into() };
+        self.json(self.http.post(self.url(&p)).json(&body), &p)
+            .await
     }
 
     pub async fn start(&self, name: &str) -> Result<VmInfo, ClientError> {

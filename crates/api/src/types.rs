@@ -205,6 +205,80 @@ pub struct VmInfo {
     pub created_unix: u64,
 }
 
+/// A checkpoint as the agent reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointInfo {
+    /// `VM@N`.
+    pub id: String,
+    pub vm: String,
+    pub created_unix_ms: u64,
+    /// The checkpoint this one's page map is kept against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Guest memory, all RAM blocks.
+    pub memory_bytes: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    /// Pages that differ from the parent (all non-zero pages without one).
+    pub changed_pages: u64,
+    /// Changed pages the store did not have yet.
+    pub new_pages: u64,
+    /// New pages kept as a delta against the parent's version.
+    pub delta_pages: u64,
+    /// Bytes the checkpoint added to the store.
+    pub stored_bytes: u64,
+    /// Bytes of the migration stream QEMU sent.
+    pub stream_bytes: u64,
+    /// Seconds spent hashing, deduplicating, compressing and writing.
+    pub encode_secs: f64,
+    /// How long the guest was paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    /// The downtime QEMU itself reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_downtime_ms: Option<u64>,
+    /// Wall time of the whole checkpoint (only in the answer to taking it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_ms: Option<u64>,
+}
+
+/// Body of `POST /v1/checkpoints/{id}/restore`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// Name of the new VM.
+    pub name: String,
+}
+
+/// Answer to `POST /v1/checkpoints/verify`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct VerifyResult {
+    pub ok: bool,
+    pub objects_checked: u64,
+    pub bytes_checked: u64,
+    /// Objects whose content does not match their digest.
+    pub corrupt_objects: Vec<String>,
+    pub checkpoints: Vec<CheckpointHealth>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointHealth {
+    pub id: String,
+    pub ok: bool,
+    /// The first problems found, each naming the page or part.
+    pub problems: Vec<String>,
+    /// How many more problems there were.
+    pub more_problems: u64,
+}
+
+/// Answer to `DELETE /v1/checkpoints/{id}`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeleteCheckpointResult {
+    /// Stored objects no other checkpoint needed.
+    pub objects_removed: u64,
+    pub bytes_removed: u64,
+}
+
 /// Body of `POST /v1/vms/{name}/stop`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -269,6 +343,12 @@ pub enum ErrorCode {
     /// No such endpoint.
     NotFound,
     Internal,
+    CheckpointNotFound,
+    /// A checkpoint lacks a page or part, or one fails its digest check.
+    CheckpointCorrupt,
+    /// Taking or restoring a checkpoint failed; the VM and the store are
+    /// as they were.
+    CheckpointFailed,
 }
 
 impl ErrorCode {
@@ -285,6 +365,9 @@ impl ErrorCode {
             ErrorCode::StoreFailed => "store_failed",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
+            ErrorCode::CheckpointNotFound => "checkpoint_not_found",
+            ErrorCode::CheckpointCorrupt => "checkpoint_corrupt",
+            ErrorCode::CheckpointFailed => "checkpoint_failed",
         }
     }
 
@@ -292,8 +375,10 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::InvalidJson | ErrorCode::InvalidSpec => 400,
-            ErrorCode::VmNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::VmNotFound | ErrorCode::NotFound | ErrorCode::CheckpointNotFound => 404,
             ErrorCode::VmExists | ErrorCode::InvalidState => 409,
+            ErrorCode::CheckpointCorrupt => 422,
+            ErrorCode::CheckpointFailed => 500,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::QemuFailed | ErrorCode::QmpFailed => 502,
             ErrorCode::StoreFailed | ErrorCode::Internal => 500,

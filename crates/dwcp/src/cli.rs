@@ -7,7 +7,8 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use dwcp_api::{
-    format_bytes, parse_bytes, Client, ClientError, NodeInfo, StopRequest, VmInfo, VmSpec,
+    format_bytes, parse_bytes, CheckpointInfo, Client, ClientError, NodeInfo, StopRequest,
+    VerifyResult, VmInfo, VmSpec,
 };
 
 #[derive(Args, Clone)]
@@ -100,12 +101,65 @@ enum VmAction {
         #[arg(long)]
         force: bool,
     },
+    /// Take a live checkpoint: the VM keeps running; pages the store
+    /// already holds are not stored again.
+    Checkpoint {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new VM from a checkpoint (see `dwcp checkpoint list`).
+    Restore {
+        /// Checkpoint id, `VM@N`.
+        checkpoint: String,
+        /// Name of the new VM.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the serial console output.
     Console {
         name: String,
         /// Keep printing new output until the VM stops (Ctrl-C to leave).
         #[arg(long, short)]
         follow: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct CheckpointCommand {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    action: CheckpointAction,
+}
+
+#[derive(Subcommand)]
+enum CheckpointAction {
+    /// List checkpoints, oldest first.
+    List {
+        /// Only those of this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one checkpoint.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a checkpoint (later checkpoints of the VM stay whole) and
+    /// free the pages nothing else needs.
+    Delete { id: String },
+    /// Re-hash stored pages: every object, or what one checkpoint uses.
+    /// Exits with status 1 when something is missing or corrupt.
+    Verify {
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -351,6 +405,46 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             c.delete(&name, force).await?;
             println!("deleted VM {name}");
         }
+        VmAction::Checkpoint { name, json } => {
+            if !json {
+                eprintln!("checkpointing VM {name} (it keeps running) ...");
+            }
+            let ck = c.checkpoint(&name).await?;
+            if json {
+                print_json(&ck)?;
+            } else {
+                println!(
+                    "checkpoint {}: {} new pages, {} stored (of {} streamed), paused {}, took {}",
+                    ck.id,
+                    ck.new_pages,
+                    format_bytes(ck.stored_bytes),
+                    format_bytes(ck.stream_bytes),
+                    ck.pause_ms.map_or("-".into(), |p| format!("{p} ms")),
+                    ck.took_ms
+                        .map_or("-".into(), |t| format!("{:.1} s", t as f64 / 1000.0)),
+                );
+            }
+        }
+        VmAction::Restore {
+            checkpoint,
+            name,
+            json,
+        } => {
+            if !json {
+                eprintln!("restoring {checkpoint} as VM {name} ...");
+            }
+            let v = c.restore(&checkpoint, &name).await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "VM {} is {} (pid {}), from {checkpoint}",
+                    v.spec.name,
+                    v.state,
+                    v.pid.unwrap_or(0)
+                );
+            }
+        }
         VmAction::Console { name, follow } => {
             let mut out = std::io::stdout();
             c.console(&name, 0, follow, |chunk| {
@@ -361,6 +455,141 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+pub async fn checkpoint(cmd: CheckpointCommand) -> anyhow::Result<()> {
+    let c = cmd.target.client()?;
+    match cmd.action {
+        CheckpointAction::List { vm, json } => {
+            let mut list = c.checkpoints().await?;
+            if let Some(vm) = vm {
+                list.retain(|ck| ck.vm == vm);
+            }
+            if json {
+                print_json(&list)?;
+            } else {
+                print_checkpoints(&list);
+            }
+        }
+        CheckpointAction::Show { id, json } => {
+            let ck = c.show_checkpoint(&id).await?;
+            if json {
+                print_json(&ck)?;
+            } else {
+                print_checkpoint(&ck);
+            }
+        }
+        CheckpointAction::Delete { id } => {
+            let r = c.delete_checkpoint(&id).await?;
+            println!(
+                "deleted checkpoint {id}; freed {} objects ({})",
+                r.objects_removed,
+                format_bytes(r.bytes_removed)
+            );
+        }
+        CheckpointAction::Verify { id, json } => {
+            let r = c.verify_checkpoints(id.as_deref()).await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print_verify(&r);
+            }
+            if !r.ok {
+                bail!("the page store has missing or corrupt data (see above)");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_checkpoints(list: &[CheckpointInfo]) {
+    println!(
+        "{:<24} {:<16} {:>9} {:>10} {:>10} {:>8}  CREATED",
+        "ID", "VM", "MEMORY", "NEW PAGES", "STORED", "PAUSE"
+    );
+    for ck in list {
+        println!(
+            "{:<24} {:<16} {:>9} {:>10} {:>10} {:>8}  {}",
+            ck.id,
+            ck.vm,
+            format_bytes(ck.memory_bytes),
+            ck.new_pages,
+            format_bytes(ck.stored_bytes),
+            ck.pause_ms.map_or("-".into(), |p| format!("{p}ms")),
+            time_of(ck.created_unix_ms),
+        );
+    }
+}
+
+fn time_of(unix_ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp((unix_ms / 1000) as i64)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                t.year(),
+                t.month() as u8,
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| "-".into())
+}
+
+fn print_checkpoint(ck: &CheckpointInfo) {
+    let rows: Vec<(&str, String)> = vec![
+        ("id", ck.id.clone()),
+        ("vm", ck.vm.clone()),
+        ("created", time_of(ck.created_unix_ms)),
+        ("parent", ck.parent.clone().unwrap_or_else(|| "-".into())),
+        ("memory", format_bytes(ck.memory_bytes)),
+        ("pages", format!("{} ({} zero)", ck.pages, ck.zero_pages)),
+        (
+            "changed",
+            format!("{} pages since the parent", ck.changed_pages),
+        ),
+        (
+            "new",
+            format!("{} pages ({} as deltas)", ck.new_pages, ck.delta_pages),
+        ),
+        ("stored", format_bytes(ck.stored_bytes)),
+        ("streamed", format_bytes(ck.stream_bytes)),
+        ("encoding", format!("{:.2} s", ck.encode_secs)),
+        (
+            "pause",
+            ck.pause_ms.map_or("-".into(), |p| {
+                format!("{p} ms (QEMU said {} ms)", ck.qemu_downtime_ms.unwrap_or(0))
+            }),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("{:<9} {v}", format!("{k}:"));
+    }
+}
+
+fn print_verify(r: &VerifyResult) {
+    println!(
+        "checked {} objects ({})",
+        r.objects_checked,
+        format_bytes(r.bytes_checked)
+    );
+    for o in &r.corrupt_objects {
+        println!("  corrupt: {o}");
+    }
+    for h in &r.checkpoints {
+        if h.ok {
+            println!("{:<24} ok", h.id);
+        } else {
+            println!("{:<24} BROKEN", h.id);
+            for p in &h.problems {
+                println!("  {p}");
+            }
+            if h.more_problems > 0 {
+                println!("  ... and {} more", h.more_problems);
+            }
+        }
+    }
 }
 
 pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {

@@ -32,6 +32,9 @@ enum Command {
     Agent(AgentArgs),
     /// Manage virtual machines on an agent.
     Vm(cli::VmCommand),
+    /// List, show, delete and verify checkpoints (take them with
+    /// `dwcp vm checkpoint`, restore with `dwcp vm restore`).
+    Checkpoint(cli::CheckpointCommand),
     /// Show facts about an agent's node.
     Node(cli::NodeCommand),
     /// Cluster identity: the CA and node certificates.
@@ -145,6 +148,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn");
             cli::node(cmd).await
         }
+        Command::Checkpoint(cmd) => {
+            init_logging("warn");
+            cli::checkpoint(cmd).await
+        }
         Command::Cluster(cmd) => {
             init_logging("warn");
             transfer::cluster(cmd)
@@ -168,7 +175,11 @@ fn main() {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Vm(_) | Command::Node(_) | Command::Openapi | Command::Cluster(_)
+        Command::Vm(_)
+            | Command::Node(_)
+            | Command::Checkpoint(_)
+            | Command::Openapi
+            | Command::Cluster(_)
     ) {
         // Commands that only print die quietly on a closed pipe
         // (`dwcp vm list | head`), as Unix tools do. Network commands keep

@@ -108,6 +108,9 @@ pub struct LaunchSpec {
     pub console_log: PathBuf,
     /// QEMU's own stderr goes here.
     pub qemu_log: PathBuf,
+    /// Start by waiting for an incoming migration stream on this unix
+    /// socket (a restore or a migration), instead of booting.
+    pub incoming: Option<PathBuf>,
 }
 
 impl LaunchSpec {
@@ -151,6 +154,10 @@ impl LaunchSpec {
         if let Some(ap) = &self.append {
             a.push("-append".into());
             a.push(ap.clone());
+        }
+        if let Some(sock) = &self.incoming {
+            a.push("-incoming".into());
+            a.push(format!("unix:{}", sock.display()));
         }
         if let Some(d) = &self.disk {
             a.push("-drive".into());
@@ -351,6 +358,7 @@ mod tests {
             qmp_socket: "/run/q.sock".into(),
             console_log: "/run/c.log".into(),
             qemu_log: "/run/q.log".into(),
+            incoming: Some("/run/in.sock".into()),
         };
         let a = spec.args().join(" ");
         for want in [
@@ -363,6 +371,7 @@ mod tests {
             "file=/d,,1.qcow2,if=virtio,format=qcow2",
             "unix:/run/q.sock,server=on,wait=off",
             "file,id=console0,path=/run/c.log",
+            "-incoming unix:/run/in.sock",
         ] {
             assert!(a.contains(want), "{want:?} missing from {a}");
         }

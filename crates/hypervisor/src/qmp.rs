@@ -49,9 +49,18 @@ pub enum QmpError {
 pub struct QmpEvent {
     pub name: String,
     pub data: Value,
+    /// When QEMU says the event happened, in microseconds since the epoch.
+    pub timestamp_us: Option<u64>,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
+
+fn event_time(msg: &Value) -> Option<u64> {
+    let t = msg.get("timestamp")?;
+    let s = t.get("seconds")?.as_u64()?;
+    let us = t.get("microseconds")?.as_u64()?;
+    Some(s * 1_000_000 + us)
+}
 
 /// A connected, capability-negotiated QMP session.
 pub struct Qmp {
@@ -238,6 +247,7 @@ async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
             let _ = events.send(QmpEvent {
                 name: name.to_owned(),
                 data: msg.get("data").cloned().unwrap_or(Value::Null),
+                timestamp_us: event_time(&msg),
             });
             continue;
         }
