@@ -75,6 +75,7 @@ impl Manager {
             name: name.into(),
             detail,
         };
+        self.recover_pages().await;
         let qmp = qmp.ok_or_else(|| failed("QEMU is not connected".into()))?;
         let sock = vm.dir.join("checkpoint.sock");
         let _ = std::fs::remove_file(&sock);
@@ -119,11 +120,19 @@ impl Manager {
                     Ok(_) => failed(detail),
                 };
                 tracing::warn!(vm = %name, checkpoint = %id, error = %crate::format_chain(&err), "checkpoint failed");
+                self.recover_pages().await;
                 return Err(err);
             }
         };
         let _ = done_tx.send((pause_ms, downtime_ms));
-        let manifest = join_writer(&mut writer, name).await?;
+        let manifest = match join_writer(&mut writer, name).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(vm = %name, checkpoint = %id, error = %crate::format_chain(&e), "checkpoint failed");
+                self.recover_pages().await;
+                return Err(e);
+            }
+        };
         let mut info = checkpoint_info(&manifest);
         info.took_ms = Some(started.elapsed().as_millis() as u64);
         tracing::info!(
@@ -138,12 +147,18 @@ impl Manager {
     /// Starts a new VM `new_name` from checkpoint `id`. Refused, with
     /// nothing created, when the checkpoint is not whole; rolled back when
     /// QEMU does not take the stream.
-    pub async fn restore(self: &Arc<Self>, id: &str, new_name: &str) -> Result<VmInfo, AgentError> {
+    pub async fn restore(
+        self: &Arc<Self>,
+        id: &str,
+        new_name: &str,
+        paused: bool,
+    ) -> Result<VmInfo, AgentError> {
         let failed = |detail: String| AgentError::RestoreFailed {
             checkpoint: id.into(),
             name: new_name.into(),
             detail,
         };
+        self.recover_pages().await;
         let (ready_tx, ready_rx) = oneshot::channel();
         let (path_tx, path_rx) = mpsc::channel::<PathBuf>();
         let pages = self.pages.clone();
@@ -177,7 +192,7 @@ impl Manager {
         let vm = self.vm(new_name)?;
         let op = vm.op.lock().await;
         let result = self
-            .start_incoming(&vm, id, &spec, accel, path_tx, &mut feeder)
+            .start_incoming(&vm, id, &spec, accel, paused, path_tx, &mut feeder)
             .await;
         drop(op);
         match result {
@@ -201,6 +216,7 @@ impl Manager {
         id: &str,
         spec: &VmSpec,
         accel: Accel,
+        paused: bool,
         path_tx: mpsc::Sender<PathBuf>,
         feeder: &mut tokio::task::JoinHandle<Result<u64, AgentError>>,
     ) -> Result<(), AgentError> {
@@ -216,7 +232,8 @@ impl Manager {
         }
         let sock = vm.dir.join("incoming.sock");
         let _ = std::fs::remove_file(&sock);
-        let launch_spec = vm.launch_spec(spec, accel, Some(sock.clone()));
+        let mut launch_spec = vm.launch_spec(spec, accel, Some(sock.clone()));
+        launch_spec.start_paused = paused;
         let mut launched = match launch(&self.qemu, &launch_spec, self.cfg.qmp_timeout).await {
             Ok(l) => l,
             Err(source) => {
@@ -229,14 +246,14 @@ impl Manager {
         let _ = path_tx.send(sock.clone());
         let fed = join_feeder(feeder).await;
         let running = match &fed {
-            Ok(_) => wait_running(&launched.qmp, Duration::from_secs(60)).await,
+            Ok(_) => wait_loaded(&launched.qmp, paused, Duration::from_secs(60)).await,
             Err(_) => Err(String::new()),
         };
         let _ = std::fs::remove_file(&sock);
         match (fed, running) {
             (Ok(bytes), Ok(())) => {
                 tracing::info!(vm = %vm.name, bytes, "incoming stream taken");
-                self.adopt(vm, launched, accel);
+                self.adopt(vm, launched, accel, paused);
                 Ok(())
             }
             (fed, running) => {
@@ -251,6 +268,18 @@ impl Manager {
                     )),
                 })
             }
+        }
+    }
+
+    /// Reopens the page store if an I/O error (a full disk) broke it.
+    async fn recover_pages(&self) {
+        let pages = self.pages.clone();
+        match tokio::task::spawn_blocking(move || pages.recover()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::format_chain(&e), "page store still unavailable")
+            }
+            Err(e) => tracing::warn!(error = %e, "page store recovery task failed"),
         }
     }
 
@@ -328,6 +357,7 @@ pub(crate) fn checkpoint_info(m: &Manifest) -> CheckpointInfo {
         encode_secs: m.stats.encode_secs,
         pause_ms: m.stats.pause_ms,
         qemu_downtime_ms: m.stats.qemu_downtime_ms,
+        memory_digest: m.stats.memory_digest.map(|d| d.to_hex()),
         took_ms: None,
     }
 }
@@ -564,12 +594,14 @@ fn feed_stream(
     Ok(stream.bytes_out())
 }
 
-/// Waits until QEMU says the guest runs (an incoming migration finished).
-async fn wait_running(qmp: &Qmp, within: Duration) -> Result<(), String> {
+/// Waits until QEMU says the incoming migration finished: the guest runs
+/// (or, when started with `-S`, is paused).
+async fn wait_loaded(qmp: &Qmp, paused: bool, within: Duration) -> Result<(), String> {
     let deadline = Instant::now() + within;
+    let want = if paused { "paused" } else { "running" };
     loop {
         match qmp.execute("query-status", None).await {
-            Ok(s) if s["status"] == "running" => return Ok(()),
+            Ok(s) if s["status"] == want => return Ok(()),
             Ok(s) if Instant::now() > deadline => {
                 return Err(format!("still {} after {within:?}", s["status"]))
             }

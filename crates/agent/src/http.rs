@@ -287,7 +287,7 @@ async fn restore(
     Path(id): Path<String>,
     Required(req): Required<RestoreRequest>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    Ok(Json(m.restore(&id, &req.name).await?))
+    Ok(Json(m.restore(&id, &req.name, req.paused).await?))
 }
 
 /// Re-hashes stored objects and checks that checkpoints have all they need.

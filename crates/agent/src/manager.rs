@@ -183,6 +183,7 @@ impl Vm {
             console_log: self.console_log(),
             qemu_log: self.qemu_log(),
             incoming,
+            start_paused: false,
         }
     }
 }
@@ -531,7 +532,7 @@ impl Manager {
         match launch(&self.qemu, &launch_spec, self.cfg.qmp_timeout).await {
             Ok(l) => {
                 let pid = l.pid;
-                self.adopt(vm, l, report.accel);
+                self.adopt(vm, l, report.accel, false);
                 tracing::info!(vm = %vm.name, pid, accel = %report.accel, took_ms = started.elapsed().as_millis() as u64, "started");
                 Ok(())
             }
@@ -557,6 +558,7 @@ impl Manager {
         vm: &Arc<Vm>,
         l: dwcp_hypervisor::Launched,
         accel: Accel,
+        paused: bool,
     ) {
         {
             let mut c = lock(&vm.cell);
@@ -565,10 +567,14 @@ impl Manager {
                 accel: accel.to_string(),
                 started_unix_ms: now_unix_ms(),
             });
-            c.rec.desired = VmState::Running;
+            c.rec.desired = if paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            };
             c.rec.last_error = None;
         }
-        self.attach(vm, Arc::new(l.qmp), ExitWatch::Child(l.child), false, None);
+        self.attach(vm, Arc::new(l.qmp), ExitWatch::Child(l.child), paused, None);
     }
 
     fn attach(

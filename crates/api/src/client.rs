@@ -183,9 +183,12 @@ impl Client {
         self.json(self.http.post(self.url(&p)), &p).await
     }
 
-    pub async fn restore(&self, id: &str, name: &str) -> Result<VmInfo, ClientError> {
+    pub async fn restore(&self, id: &str, name: &str, paused: bool) -> Result<VmInfo, ClientError> {
         let p = format!("/v1/checkpoints/{id}/restore");
-        let body = RestoreRequest { name: name.into() };
+        let body = RestoreRequest {
+            name: name.into(),
+            paused,
+        };
         self.json(self.http.post(self.url(&p)).json(&body), &p)
             .await
     }

@@ -237,6 +237,10 @@ pub struct CheckpointInfo {
     /// The downtime QEMU itself reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_downtime_ms: Option<u64>,
+    /// Fingerprint of the memory: checkpoints with the same value hold
+    /// exactly the same guest memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_digest: Option<String>,
     /// Wall time of the whole checkpoint (only in the answer to taking it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub took_ms: Option<u64>,
@@ -248,6 +252,9 @@ pub struct CheckpointInfo {
 pub struct RestoreRequest {
     /// Name of the new VM.
     pub name: String,
+    /// Leave the restored VM paused (resume it with `resume`).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Answer to `POST /v1/checkpoints/verify`.

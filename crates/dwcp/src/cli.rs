@@ -115,6 +115,9 @@ enum VmAction {
         /// Name of the new VM.
         #[arg(long)]
         name: String,
+        /// Leave the new VM paused (`dwcp vm resume` starts it).
+        #[arg(long)]
+        paused: bool,
         #[arg(long)]
         json: bool,
     },
@@ -428,12 +431,13 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
         VmAction::Restore {
             checkpoint,
             name,
+            paused,
             json,
         } => {
             if !json {
                 eprintln!("restoring {checkpoint} as VM {name} ...");
             }
-            let v = c.restore(&checkpoint, &name).await?;
+            let v = c.restore(&checkpoint, &name, paused).await?;
             if json {
                 print_json(&v)?;
             } else {
@@ -556,6 +560,10 @@ fn print_checkpoint(ck: &CheckpointInfo) {
         ("stored", format_bytes(ck.stored_bytes)),
         ("streamed", format_bytes(ck.stream_bytes)),
         ("encoding", format!("{:.2} s", ck.encode_secs)),
+        (
+            "digest",
+            ck.memory_digest.clone().unwrap_or_else(|| "-".into()),
+        ),
         (
             "pause",
             ck.pause_ms.map_or("-".into(), |p| {

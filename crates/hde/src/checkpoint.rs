@@ -5,11 +5,12 @@ use std::sync::MutexGuard;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dwcp_vmstream::{Item, MetaKind, PageData, SectionKind, PAGE_SIZE};
-use redb::{Durability, ReadableTable};
+use redb::ReadableTable;
 
 use crate::codec::{Encoder, Encoding, Page};
 use crate::manifest::BlockInfo;
-use crate::store::{self, delta_depth, load_page, PageProblem, MANIFESTS, OBJECTS, PAGEMAPS};
+use crate::objects::{sweep, ObjectReader, PackWriter, INDEX, PACKS};
+use crate::store::{self, PageProblem, COUNTERS, MANIFESTS, NEXT_PACK, PAGEMAPS};
 use crate::{CheckpointStats, Digest, HdeError, Manifest, PageMap, PageStore};
 
 /// Pages hashed but not yet looked up and written.
@@ -36,7 +37,7 @@ enum Phase {
 /// Call order: [`PageStore::begin_checkpoint`], [`push`](Self::push) every
 /// item, [`finish`](Self::finish).
 pub struct CheckpointWriter<'s> {
-    store: &'s PageStore,
+    db: std::sync::Arc<redb::Database>,
     _lock: MutexGuard<'s, ()>,
     id: String,
     vm: String,
@@ -53,6 +54,7 @@ pub struct CheckpointWriter<'s> {
     pending: Vec<(u16, u32, Digest, Box<Page>)>,
     /// New objects written by this checkpoint, with their sizes.
     written: HashMap<Digest, u64>,
+    packer: PackWriter,
     stats: CheckpointStats,
     busy: std::time::Duration,
     finished: bool,
@@ -69,7 +71,7 @@ impl PageStore {
         };
         let id = self.next_id(vm)?;
         Ok(CheckpointWriter {
-            store: self,
+            db: self.db()?,
             _lock: lock,
             id,
             vm: vm.to_string(),
@@ -85,6 +87,7 @@ impl PageStore {
             encoder: Encoder::new(self.level())?,
             pending: Vec::with_capacity(BATCH_PAGES),
             written: HashMap::new(),
+            packer: PackWriter::new(),
             stats: CheckpointStats::default(),
             busy: std::time::Duration::ZERO,
             finished: false,
@@ -171,7 +174,7 @@ impl CheckpointWriter<'_> {
                         {
                             self.pending.push((p.block, index, d, data));
                             if self.pending.len() >= BATCH_PAGES {
-                                self.flush(Durability::None)?;
+                                self.flush()?;
                             }
                         }
                     }
@@ -237,26 +240,34 @@ impl CheckpointWriter<'_> {
         Ok(())
     }
 
-    /// Looks up and writes the pending pages, in a commit of its own (not
-    /// durable until the manifest's).
-    fn flush(&mut self, durability: Durability) -> Result<(), HdeError> {
-        let mut tx = self.store.db.begin_write()?;
-        tx.set_durability(durability);
+    /// Looks up and writes the pending pages, in a commit of its own. The
+    /// commit is durable: redb frees the space of replaced B-tree pages only
+    /// at durable commits, and the index (random keys) changes everywhere
+    /// in every batch, so lighter commits made the file grow 1.6x. The pack
+    /// being filled carries over to the next batch.
+    fn flush(&mut self) -> Result<(), HdeError> {
+        // Delta bases are pages of the parent, committed long ago.
+        let snapshot = self.db.begin_read()?;
+        let mut bases = ObjectReader::new(snapshot.open_table(INDEX)?, snapshot.open_table(PACKS)?);
+        let tx = self.db.begin_write()?;
         {
-            let mut objects = tx.open_table(OBJECTS)?;
-            for (block, index, d, data) in self.pending.drain(..) {
-                if self.written.contains_key(&d) || objects.get(&d.0[..])?.is_some() {
+            let mut index = tx.open_table(INDEX)?;
+            let mut packs = tx.open_table(PACKS)?;
+            let mut counters = tx.open_table(COUNTERS)?;
+            let mut next_pack = counters.get(NEXT_PACK)?.map(|v| v.value()).unwrap_or(0);
+            for (block, page_index, d, data) in self.pending.drain(..) {
+                if self.written.contains_key(&d) || index.get(&d.0[..])?.is_some() {
                     continue;
                 }
                 let parent_digest = self
                     .parent
                     .as_ref()
-                    .and_then(|(_, m)| m.get(block as usize, index as usize))
+                    .and_then(|(_, m)| m.get(block as usize, page_index as usize))
                     .copied()
                     .filter(|p| *p != Digest::zero_page());
                 let base = match parent_digest {
-                    Some(pd) => match load_page(&objects, &pd) {
-                        Ok(page) => Some((pd, page, delta_depth(&objects, &pd)?)),
+                    Some(pd) => match bases.page(&pd) {
+                        Ok(page) => Some((pd, page, bases.delta_depth(&pd)?)),
                         // A broken parent page is no base; verify reports it.
                         Err(PageProblem::Missing | PageProblem::Corrupt(_)) => None,
                         Err(PageProblem::Store(e)) => return Err(e),
@@ -266,13 +277,15 @@ impl CheckpointWriter<'_> {
                 let (bytes, how) = self
                     .encoder
                     .page(&data, base.as_ref().map(|(d, p, depth)| (d, &**p, *depth)))?;
-                objects.insert(&d.0[..], bytes.as_slice())?;
+                self.packer
+                    .add(d, &bytes, &mut index, &mut packs, &mut next_pack)?;
                 if how == Encoding::Delta {
                     self.stats.delta_pages += 1;
                 }
                 self.stats.new_pages += 1;
                 self.written.insert(d, bytes.len() as u64);
             }
+            counters.insert(NEXT_PACK, next_pack)?;
         }
         tx.commit()?;
         Ok(())
@@ -297,7 +310,7 @@ impl CheckpointWriter<'_> {
         let (Some(map), Some(ram_section_id)) = (self.map.take(), self.ram_section_id) else {
             return Err(HdeError::Stream("the stream has no RAM section".into()));
         };
-        self.flush(Durability::None)?;
+        self.flush()?;
 
         let zero = Digest::zero_page();
         let parent_map = self.parent.as_ref().map(|(_, m)| m);
@@ -313,6 +326,7 @@ impl CheckpointWriter<'_> {
             }
         }
         self.stats.pages = map.pages();
+        self.stats.memory_digest = Some(map.fingerprint());
         let superseded: Vec<Digest> = self
             .written
             .keys()
@@ -328,14 +342,19 @@ impl CheckpointWriter<'_> {
             Some(_) => map.changes_from(parent_map),
             None => map.changes_from(None),
         };
-        let tx = self.store.db.begin_write()?;
+        let tx = self.db.begin_write()?;
         let manifest = {
-            let mut objects = tx.open_table(OBJECTS)?;
+            let mut index = tx.open_table(INDEX)?;
+            let mut packs = tx.open_table(PACKS)?;
+            let mut counters = tx.open_table(COUNTERS)?;
+            let mut next_pack = counters.get(NEXT_PACK)?.map(|v| v.value()).unwrap_or(0);
+            let encoder = &mut self.encoder;
+            let packer = &mut self.packer;
             let mut blob = |data: &[u8], stats: &mut CheckpointStats| -> Result<Digest, HdeError> {
                 let d = Digest::of(data);
-                if objects.get(&d.0[..])?.is_none() {
-                    let bytes = self.encoder.blob(data)?;
-                    objects.insert(&d.0[..], bytes.as_slice())?;
+                if index.get(&d.0[..])?.is_none() && !packer.holds(&d) {
+                    let bytes = encoder.blob(data)?;
+                    packer.add(d, &bytes, &mut index, &mut packs, &mut next_pack)?;
                     stats.stored_bytes += bytes.len() as u64;
                 }
                 Ok(d)
@@ -343,13 +362,25 @@ impl CheckpointWriter<'_> {
             let prologue = blob(&self.prologue, &mut self.stats)?;
             let middle = blob(&self.middle, &mut self.stats)?;
             let tail = blob(&self.tail, &mut self.stats)?;
+            self.packer.seal(&mut index, &mut packs, &mut next_pack)?;
             for d in &superseded {
                 if let Some(n) = self.written.remove(d) {
-                    objects.remove(&d.0[..])?;
                     self.stats.superseded_bytes += n;
                     self.stats.new_pages -= 1;
                 }
             }
+            // Drop the superseded versions from this checkpoint's packs.
+            let mine: std::collections::HashSet<u64> =
+                self.packer.written.iter().copied().collect();
+            let gone: std::collections::HashSet<Digest> = superseded.into_iter().collect();
+            sweep(
+                &mut index,
+                &mut packs,
+                &mut next_pack,
+                &|d| !gone.contains(d),
+                Some(&mine),
+            )?;
+            counters.insert(NEXT_PACK, next_pack)?;
             self.stats.stored_bytes += self.written.values().sum::<u64>() + changes.len() as u64;
             self.stats.encode_secs = (self.busy + started.elapsed()).as_secs_f64();
             self.stats.pause_ms = pause_ms;
@@ -396,11 +427,15 @@ impl Drop for CheckpointWriter<'_> {
         }
         // Best effort: what is left is removed by the next garbage collection.
         let removed = (|| -> Result<(), HdeError> {
-            let tx = self.store.db.begin_write()?;
+            let tx = self.db.begin_write()?;
             {
-                let mut objects = tx.open_table(OBJECTS)?;
+                let mut index = tx.open_table(INDEX)?;
+                let mut packs = tx.open_table(PACKS)?;
                 for d in self.written.keys() {
-                    objects.remove(&d.0[..])?;
+                    index.remove(&d.0[..])?;
+                }
+                for p in &self.packer.written {
+                    packs.remove(*p)?;
                 }
             }
             tx.commit()?;

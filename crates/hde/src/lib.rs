@@ -29,6 +29,7 @@
 mod checkpoint;
 pub mod codec;
 mod manifest;
+mod objects;
 mod restore;
 mod store;
 
@@ -125,6 +126,8 @@ pub enum HdeError {
     },
     #[error("checkpoint {checkpoint}: its record is unreadable: {problem}")]
     CorruptManifest { checkpoint: String, problem: String },
+    #[error("page store {0} is unavailable after an I/O error (the next checkpoint or restore reopens it)")]
+    Unavailable(String),
     #[error("the stream cannot be checkpointed: {0}")]
     Stream(String),
 }

@@ -83,6 +83,9 @@ pub struct CheckpointStats {
     pub pause_ms: Option<u64>,
     /// The downtime QEMU reported.
     pub qemu_downtime_ms: Option<u64>,
+    /// BLAKE3 over the digests of all pages in order: two checkpoints
+    /// with the same value hold exactly the same memory.
+    pub memory_digest: Option<Digest>,
 }
 
 /// For every page of every block, the digest of its content.
@@ -184,6 +187,17 @@ impl PageMap {
             d.copy_from_slice(&e[6..]);
             Digest(d)
         })
+    }
+}
+
+impl PageMap {
+    /// BLAKE3 over every page digest in order.
+    pub fn fingerprint(&self) -> Digest {
+        let mut h = blake3::Hasher::new();
+        for (_, _, d) in self.iter() {
+            h.update(&d.0);
+        }
+        Digest(*h.finalize().as_bytes())
     }
 }
 

@@ -1,10 +1,10 @@
 //! Rebuilding a migration stream from a checkpoint.
 
 use dwcp_vmstream::{ram_section_end, ram_section_header, write_page, PageData, SectionKind};
-use redb::ReadOnlyTable;
 
 use crate::codec::{self, ObjectHead};
-use crate::store::{load_blob, load_page, read_page_map, PageProblem, OBJECTS};
+use crate::objects::{Fetch, ObjectReader, SnapshotReader, INDEX, PACKS};
+use crate::store::{read_page_map, PageProblem};
 use crate::{Digest, HdeError, Manifest, PageMap, PageStore};
 
 /// A checkpoint as the stream QEMU takes with `-incoming`: its prologue,
@@ -17,7 +17,7 @@ use crate::{Digest, HdeError, Manifest, PageMap, PageStore};
 pub struct RestoreStream {
     manifest: Manifest,
     map: PageMap,
-    objects: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    objects: SnapshotReader,
     prologue: Vec<u8>,
     tail: Vec<u8>,
     stage: Stage,
@@ -37,11 +37,11 @@ impl PageStore {
     /// to be present first (pages, their delta bases, blobs), so a restore
     /// that cannot succeed is refused before anything is started.
     pub fn restore_stream(&self, id: &str) -> Result<RestoreStream, HdeError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let (manifest, map) = read_page_map(&tx, id)?;
-        let objects = tx.open_table(OBJECTS)?;
-        let blob = |what: &'static str, d: &Digest| {
-            load_blob(&objects, d).map_err(|problem| HdeError::CorruptBlob {
+        let mut objects = ObjectReader::new(tx.open_table(INDEX)?, tx.open_table(PACKS)?);
+        let mut blob = |what: &'static str, d: &Digest| {
+            objects.blob(d).map_err(|problem| HdeError::CorruptBlob {
                 checkpoint: id.to_string(),
                 what,
                 problem,
@@ -61,9 +61,17 @@ impl PageStore {
             }
             let mut at = *d;
             for _ in 0..=codec::MAX_DELTA_DEPTH {
-                let head = match objects.get(&at.0[..])? {
-                    Some(v) => codec::head(v.value()),
-                    None => {
+                let head = match objects.get(&at)? {
+                    Ok(v) => codec::head(&v),
+                    Err(Fetch::Broken(problem)) => {
+                        return Err(HdeError::CorruptPage {
+                            checkpoint: id.to_string(),
+                            digest: *d,
+                            location: manifest.location(b, p),
+                            problem,
+                        })
+                    }
+                    Err(Fetch::Missing) => {
                         return Err(HdeError::MissingPage {
                             checkpoint: id.to_string(),
                             digest: *d,
@@ -132,7 +140,7 @@ impl RestoreStream {
                     let data = if d == Digest::zero_page() {
                         PageData::Fill(0)
                     } else {
-                        match load_page(&self.objects, &d) {
+                        match self.objects.page(&d) {
                             Ok(p) => PageData::Full(p),
                             Err(problem) => return Err(self.page_error(block, page, d, problem)),
                         }

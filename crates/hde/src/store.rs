@@ -2,29 +2,32 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 
-use crate::codec::{self, ObjectHead, Page, MAX_DELTA_DEPTH};
+use crate::codec::{self, ObjectHead, Page};
+use crate::objects::{sweep, ObjectReader, INDEX, PACKS};
 use crate::{Digest, HdeError, Manifest, PageMap};
 
-/// Digest -> encoded object (see [`codec`]).
-pub(crate) const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 /// Checkpoint id -> manifest (JSON).
 pub(crate) const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
 /// Checkpoint id -> its page map's changes against its parent's.
 pub(crate) const PAGEMAPS: TableDefinition<&str, &[u8]> = TableDefinition::new("pagemaps");
-/// VM name -> number of its last checkpoint (ids are never reused).
+/// VM name -> number of its last checkpoint (ids are never reused), and
+/// [`NEXT_PACK`] -> the next pack id.
 pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Key of the pack counter (no VM name can contain `#`).
+pub(crate) const NEXT_PACK: &str = "#pack";
 
 /// Largest blob read back (device state and the VM description).
 pub(crate) const MAX_BLOB_BYTES: usize = 256 << 20;
 
 /// The content-addressed store. See the crate docs.
 pub struct PageStore {
-    pub(crate) db: Database,
+    /// `None` after a failed reopen; see [`PageStore::recover`].
+    db: RwLock<Option<Arc<Database>>>,
     path: PathBuf,
     level: i32,
     /// Held by whoever adds or removes objects: one checkpoint writer, a
@@ -44,82 +47,6 @@ impl From<redb::StorageError> for PageProblem {
     fn from(e: redb::StorageError) -> Self {
         PageProblem::Store(e.into())
     }
-}
-
-/// Reads and checks one page, following its delta chain.
-pub(crate) fn load_page(
-    objects: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    digest: &Digest,
-) -> Result<Box<Page>, PageProblem> {
-    load_page_at(objects, digest, 0)
-}
-
-fn load_page_at(
-    objects: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    digest: &Digest,
-    depth: u8,
-) -> Result<Box<Page>, PageProblem> {
-    if *digest == Digest::zero_page() {
-        return Ok(Box::new([0u8; dwcp_vmstream::PAGE_SIZE]));
-    }
-    if depth > MAX_DELTA_DEPTH {
-        return Err(PageProblem::Corrupt("its delta chain is too long".into()));
-    }
-    let Some(bytes) = objects.get(&digest.0[..])? else {
-        return Err(PageProblem::Missing);
-    };
-    let mut inner = None;
-    let page = codec::decode_page(bytes.value(), |base| {
-        load_page_at(objects, base, depth + 1).map_err(|p| {
-            let e = match p {
-                PageProblem::Missing => "missing".to_string(),
-                PageProblem::Corrupt(s) => s,
-                PageProblem::Store(e) => e.to_string(),
-            };
-            inner = Some(e.clone());
-            HdeError::Stream(e)
-        })
-    })
-    .map_err(PageProblem::Corrupt)?;
-    if let Some(e) = inner {
-        return Err(PageProblem::Corrupt(e));
-    }
-    let got = Digest::of(&page[..]);
-    if got != *digest {
-        return Err(PageProblem::Corrupt(format!("its content hashes to {got}")));
-    }
-    Ok(page)
-}
-
-/// Delta depth of a stored page (0 when it is not a delta).
-pub(crate) fn delta_depth(
-    objects: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    digest: &Digest,
-) -> Result<u8, redb::StorageError> {
-    Ok(match objects.get(&digest.0[..])? {
-        Some(b) => match codec::head(b.value()) {
-            Ok(ObjectHead::Delta { depth, .. }) => depth,
-            _ => 0,
-        },
-        None => 0,
-    })
-}
-
-/// Reads and checks a blob.
-pub(crate) fn load_blob(
-    objects: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    digest: &Digest,
-) -> Result<Vec<u8>, String> {
-    let bytes = objects
-        .get(&digest.0[..])
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("object {digest} is missing"))?;
-    let data = codec::decode_blob(bytes.value(), MAX_BLOB_BYTES)?;
-    let got = Digest::of(&data);
-    if got != *digest {
-        return Err(format!("object {digest} hashes to {got}"));
-    }
-    Ok(data)
 }
 
 /// How much the store holds.
@@ -172,22 +99,59 @@ impl PageStore {
     /// Opens (or creates) the store at `path`, compressing new pages at
     /// zstd `level`.
     pub fn open(path: &Path, level: i32) -> Result<PageStore, HdeError> {
-        let db = Database::create(path).map_err(|source| HdeError::Open {
-            path: path.display().to_string(),
-            source: Box::new(source),
-        })?;
+        let db = open_db(path)?;
         let tx = db.begin_write()?;
-        tx.open_table(OBJECTS)?;
+        tx.open_table(INDEX)?;
+        tx.open_table(PACKS)?;
         tx.open_table(MANIFESTS)?;
         tx.open_table(PAGEMAPS)?;
         tx.open_table(COUNTERS)?;
         tx.commit()?;
         Ok(PageStore {
-            db,
+            db: RwLock::new(Some(Arc::new(db))),
             path: path.to_path_buf(),
             level,
             writer: Mutex::new(()),
         })
+    }
+
+    pub(crate) fn db(&self) -> Result<Arc<Database>, HdeError> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| HdeError::Unavailable(self.path.display().to_string()))
+    }
+
+    /// After an I/O error (a full disk, say) redb refuses all further
+    /// work until the database is opened again. This checks with an empty
+    /// commit and reopens when needed; true when it reopened. Call it when
+    /// an operation failed; it does nothing while another operation still
+    /// holds the database.
+    pub fn recover(&self) -> Result<bool, HdeError> {
+        let _w = self.lock_writer();
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = slot.as_ref() {
+            let healthy = db.begin_write().map_err(HdeError::from).and_then(|tx| {
+                tx.commit()?;
+                Ok(())
+            });
+            match healthy {
+                Ok(()) => return Ok(false),
+                Err(e) => tracing::warn!("page store failed ({e}); reopening it"),
+            }
+            if Arc::strong_count(db) > 1 {
+                return Ok(false);
+            }
+        }
+        *slot = None;
+        let db = open_db(&self.path)?;
+        *slot = Some(Arc::new(db));
+        drop(slot);
+        tracing::info!(path = %self.path.display(), "page store reopened");
+        // What the failed operation could not clean up itself.
+        self.collect_garbage_locked()?;
+        Ok(true)
     }
 
     pub fn path(&self) -> &Path {
@@ -204,7 +168,7 @@ impl PageStore {
 
     /// All checkpoints, oldest first.
     pub fn list(&self) -> Result<Vec<Manifest>, HdeError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(MANIFESTS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
@@ -216,7 +180,7 @@ impl PageStore {
     }
 
     pub fn manifest(&self, id: &str) -> Result<Manifest, HdeError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(MANIFESTS)?;
         let v = t
             .get(id)?
@@ -231,19 +195,18 @@ impl PageStore {
 
     /// The full page map of a checkpoint.
     pub fn page_map(&self, id: &str) -> Result<(Manifest, PageMap), HdeError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         read_page_map(&tx, id)
     }
 
     /// How much the store holds.
     pub fn usage(&self) -> Result<StoreUsage, HdeError> {
-        let tx = self.db.begin_read()?;
-        let objects = tx.open_table(OBJECTS)?;
-        let stats = objects.stats()?;
+        let tx = self.db()?.begin_read()?;
+        let packs = tx.open_table(PACKS)?;
         Ok(StoreUsage {
             checkpoints: tx.open_table(MANIFESTS)?.len()?,
-            objects: objects.len()?,
-            object_bytes: stats.stored_bytes(),
+            objects: tx.open_table(INDEX)?.len()?,
+            object_bytes: packs.stats()?.stored_bytes(),
             file_bytes: std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
         })
     }
@@ -252,7 +215,7 @@ impl PageStore {
     /// changes are folded into theirs. Then collects garbage.
     pub fn delete(&self, id: &str) -> Result<GcReport, HdeError> {
         let _w = self.lock_writer();
-        let tx = self.db.begin_write()?;
+        let tx = self.db()?.begin_write()?;
         {
             let mut manifests = tx.open_table(MANIFESTS)?;
             let mut maps = tx.open_table(PAGEMAPS)?;
@@ -302,60 +265,58 @@ impl PageStore {
     }
 
     fn collect_garbage_locked(&self) -> Result<GcReport, HdeError> {
-        let mut marked: HashSet<Digest> = HashSet::new();
-        let mut unmarked = Vec::new();
-        {
-            let tx = self.db.begin_read()?;
-            let manifests = tx.open_table(MANIFESTS)?;
-            let maps = tx.open_table(PAGEMAPS)?;
-            let objects = tx.open_table(OBJECTS)?;
-            for row in manifests.iter()? {
+        let db = self.db()?;
+        let tx = db.begin_write()?;
+        let report = {
+            let mut marked: HashSet<Digest> = HashSet::new();
+            for row in tx.open_table(MANIFESTS)?.iter()? {
                 let (k, v) = row?;
                 let m = parse_manifest(k.value(), v.value())?;
                 marked.extend([m.prologue, m.middle, m.tail]);
             }
-            for row in maps.iter()? {
+            for row in tx.open_table(PAGEMAPS)?.iter()? {
                 let (_, v) = row?;
                 marked.extend(PageMap::digests_in(v.value()));
             }
-            // Delta bases are needed as long as their deltas are.
-            let mut work: Vec<Digest> = marked.iter().copied().collect();
-            while let Some(d) = work.pop() {
-                if let Some(b) = objects.get(&d.0[..])? {
-                    if let Ok(ObjectHead::Delta { base, .. }) = codec::head(b.value()) {
-                        if marked.insert(base) {
-                            work.push(base);
+            let mut index = tx.open_table(INDEX)?;
+            let mut packs = tx.open_table(PACKS)?;
+            let mut counters = tx.open_table(COUNTERS)?;
+            let mut next_pack = counters.get(NEXT_PACK)?.map(|v| v.value()).unwrap_or(0);
+            {
+                // Delta bases are needed as long as their deltas are (read
+                // from a snapshot: nothing has changed yet).
+                let snap = db.begin_read()?;
+                let mut reader =
+                    ObjectReader::new(snap.open_table(INDEX)?, snap.open_table(PACKS)?);
+                let mut work: Vec<Digest> = marked.iter().copied().collect();
+                while let Some(d) = work.pop() {
+                    if let Ok(bytes) = reader.get(&d)? {
+                        if let Ok(ObjectHead::Delta { base, .. }) = codec::head(&bytes) {
+                            if marked.insert(base) {
+                                work.push(base);
+                            }
                         }
                     }
                 }
             }
-            for row in objects.iter()? {
-                let (k, v) = row?;
-                let key = k.value();
-                if key.len() != 32 || !marked.contains(&digest_from(key)) {
-                    unmarked.push((key.to_vec(), v.value().len() as u64));
-                }
-            }
-        }
-        let mut report = GcReport::default();
-        if unmarked.is_empty() {
-            return Ok(report);
-        }
-        let tx = self.db.begin_write()?;
-        {
-            let mut objects = tx.open_table(OBJECTS)?;
-            for (k, n) in &unmarked {
-                objects.remove(k.as_slice())?;
-                report.objects_removed += 1;
-                report.bytes_removed += n;
-            }
-        }
+            let report = sweep(
+                &mut index,
+                &mut packs,
+                &mut next_pack,
+                &|d| marked.contains(d),
+                None,
+            )?;
+            counters.insert(NEXT_PACK, next_pack)?;
+            report
+        };
         tx.commit()?;
-        tracing::info!(
-            objects = report.objects_removed,
-            bytes = report.bytes_removed,
-            "page store: garbage collected"
-        );
+        if report.objects_removed > 0 || report.bytes_removed > 0 {
+            tracing::info!(
+                objects = report.objects_removed,
+                bytes = report.bytes_removed,
+                "page store: garbage collected"
+            );
+        }
         Ok(report)
     }
 
@@ -363,8 +324,9 @@ impl PageStore {
     /// need: every object when `only` is `None`, else what checkpoint
     /// `only` uses.
     pub fn verify(&self, only: Option<&str>) -> Result<VerifyReport, HdeError> {
-        let tx = self.db.begin_read()?;
-        let objects = tx.open_table(OBJECTS)?;
+        let tx = self.db()?.begin_read()?;
+        let index = tx.open_table(INDEX)?;
+        let mut reader = ObjectReader::new(tx.open_table(INDEX)?, tx.open_table(PACKS)?);
         let mut report = VerifyReport::default();
         // Digest -> problem (None when fine), so shared pages are checked once.
         let mut checked: HashMap<Digest, Option<String>> = HashMap::new();
@@ -376,17 +338,20 @@ impl PageStore {
             None => self.list()?.into_iter().map(|m| m.id).collect(),
         };
         if only.is_none() {
-            for row in objects.iter()? {
-                let (k, v) = row?;
+            for row in index.iter()? {
+                let (k, _) = row?;
                 report.objects_checked += 1;
-                report.bytes_checked += v.value().len() as u64;
                 let d = digest_from(k.value());
-                let problem = match codec::head(v.value()) {
-                    Ok(ObjectHead::Blob) => load_blob(&objects, &d).err(),
-                    _ => match load_page(&objects, &d) {
-                        Ok(_) => None,
-                        Err(p) => Some(describe(p)),
-                    },
+                let problem = match reader.get(&d)? {
+                    Err(crate::objects::Fetch::Missing) => Some("missing".to_string()),
+                    Err(crate::objects::Fetch::Broken(s)) => Some(s),
+                    Ok(bytes) => {
+                        report.bytes_checked += bytes.len() as u64;
+                        match codec::head(&bytes) {
+                            Ok(ObjectHead::Blob) => reader.blob(&d).err(),
+                            _ => reader.page(&d).err().map(describe),
+                        }
+                    }
                 };
                 if let Some(p) = &problem {
                     report.corrupt_objects.push(format!("object {d}: {p}"));
@@ -415,7 +380,7 @@ impl PageStore {
                         ("middle", m.middle),
                         ("device state", m.tail),
                     ] {
-                        if let Err(p) = load_blob(&objects, &d) {
+                        if let Err(p) = reader.blob(&d) {
                             note(&mut health, format!("{what}: {p}"));
                         }
                     }
@@ -426,10 +391,7 @@ impl PageStore {
                         let problem = match checked.get(d) {
                             Some(p) => p.clone(),
                             None => {
-                                let p = match load_page(&objects, d) {
-                                    Ok(_) => None,
-                                    Err(p) => Some(describe(p)),
-                                };
+                                let p = reader.page(d).err().map(describe);
                                 report.objects_checked += 1;
                                 checked.insert(*d, p.clone());
                                 p
@@ -449,7 +411,7 @@ impl PageStore {
 
     /// Allocates the next checkpoint id of `vm` (`VM@N`).
     pub(crate) fn next_id(&self, vm: &str) -> Result<String, HdeError> {
-        let tx = self.db.begin_write()?;
+        let tx = self.db()?.begin_write()?;
         let n = {
             let mut t = tx.open_table(COUNTERS)?;
             let n = t.get(vm)?.map(|v| v.value()).unwrap_or(0) + 1;
@@ -462,15 +424,22 @@ impl PageStore {
 
     /// Reads one stored page by digest, checked (for tests and tools).
     pub fn read_page(&self, digest: &Digest) -> Result<Option<Box<Page>>, HdeError> {
-        let tx = self.db.begin_read()?;
-        let objects = tx.open_table(OBJECTS)?;
-        match load_page(&objects, digest) {
+        let tx = self.db()?.begin_read()?;
+        let mut reader = ObjectReader::new(tx.open_table(INDEX)?, tx.open_table(PACKS)?);
+        match reader.page(digest) {
             Ok(p) => Ok(Some(p)),
             Err(PageProblem::Missing) => Ok(None),
             Err(PageProblem::Corrupt(s)) => Err(HdeError::Stream(format!("page {digest}: {s}"))),
             Err(PageProblem::Store(e)) => Err(e),
         }
     }
+}
+
+fn open_db(path: &Path) -> Result<Database, HdeError> {
+    Database::create(path).map_err(|source| HdeError::Open {
+        path: path.display().to_string(),
+        source: Box::new(source),
+    })
 }
 
 pub(crate) fn describe(p: PageProblem) -> String {

@@ -7,7 +7,7 @@ use dwcp_vmstream::{
 use redb::ReadableTable;
 
 use super::*;
-use crate::store::OBJECTS;
+use crate::objects::{Location, INDEX, PACKS};
 
 const RAM_PAGES: u64 = 256;
 
@@ -218,14 +218,15 @@ fn a_corrupt_or_missing_page_is_named_and_the_restore_refused() {
     checkpoint(&store, "web", &stream(&mem, &mem, &[])).unwrap();
     let (_, map) = store.page_map("web@1").unwrap();
     let victim = *map.get(0, 17).unwrap();
-    // Flip one byte of the stored object.
-    let tx = store.db.begin_write().unwrap();
+    // Flip one byte of the stored object, inside its pack.
+    let tx = store.db().unwrap().begin_write().unwrap();
     {
-        let mut t = tx.open_table(OBJECTS).unwrap();
-        let mut v = t.get(&victim.0[..]).unwrap().unwrap().value().to_vec();
-        let n = v.len();
-        v[n / 2] ^= 0x55;
-        t.insert(&victim.0[..], v.as_slice()).unwrap();
+        let index = tx.open_table(INDEX).unwrap();
+        let loc = Location::decode(index.get(&victim.0[..]).unwrap().unwrap().value()).unwrap();
+        let mut packs = tx.open_table(PACKS).unwrap();
+        let mut v = packs.get(loc.pack).unwrap().unwrap().value().to_vec();
+        v[(loc.offset + loc.len / 2) as usize] ^= 0x55;
+        packs.insert(loc.pack, v.as_slice()).unwrap();
     }
     tx.commit().unwrap();
     let err = restored_memory(&store, "web@1").unwrap_err().to_string();
@@ -241,11 +242,8 @@ fn a_corrupt_or_missing_page_is_named_and_the_restore_refused() {
     assert_eq!(one.checkpoints[0].problems.len(), 1);
 
     // A missing page refuses the restore before any byte is produced.
-    let tx = store.db.begin_write().unwrap();
-    tx.open_table(OBJECTS)
-        .unwrap()
-        .remove(&victim.0[..])
-        .unwrap();
+    let tx = store.db().unwrap().begin_write().unwrap();
+    tx.open_table(INDEX).unwrap().remove(&victim.0[..]).unwrap();
     tx.commit().unwrap();
     let err = store.restore_stream("web@1").err().unwrap();
     assert!(matches!(err, HdeError::MissingPage { .. }), "{err}");
@@ -274,10 +272,15 @@ fn truncated_or_foreign_streams_leave_the_store_as_it_was() {
     assert_eq!(restored_memory(&store, "web@1").unwrap(), mem);
 }
 
+/// Run by the test below in a child process: writes most of a checkpoint,
+/// then dies without any clean-up.
 #[test]
-fn objects_of_an_interrupted_checkpoint_are_collected() {
-    let (_d, store) = open();
-    let mem = memory((0..300).map(|i| (i % RAM_PAGES, i)));
+fn crash_child() {
+    let Ok(path) = std::env::var("DWCP_HDE_CRASH_STORE") else {
+        return;
+    };
+    let store = PageStore::open(std::path::Path::new(&path), 3).unwrap();
+    let mem = memory((0..RAM_PAGES).map(|i| (i, i + 5)));
     let s = stream(&mem, &mem, &[]);
     let mut w = store.begin_checkpoint("web").unwrap();
     let mut p = StreamParser::new();
@@ -285,17 +288,33 @@ fn objects_of_an_interrupted_checkpoint_are_collected() {
     while let Some(item) = p.next_item().unwrap() {
         w.push(item).unwrap();
     }
-    // As if the process died: no clean-up runs. A durable commit by
-    // someone else makes the writer's batches durable too.
-    std::mem::forget(w);
-    store.next_id("other").unwrap();
-    let store2 = {
-        let path = store.path().to_path_buf();
-        drop(store);
-        PageStore::open(&path, 3).unwrap()
-    };
-    assert!(store2.usage().unwrap().objects > 0);
-    let gc = store2.collect_garbage().unwrap();
+    std::process::abort();
+}
+
+#[test]
+fn objects_of_an_interrupted_checkpoint_are_collected() {
+    let (dir, store) = open();
+    let mem = memory((0..100).map(|i| (i, i)));
+    checkpoint(&store, "web", &stream(&mem, &mem, &[])).unwrap();
+    let before = store.usage().unwrap();
+    let path = store.path().to_path_buf();
+    drop(store);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "tests::crash_child", "--nocapture"])
+        .env("DWCP_HDE_CRASH_STORE", &path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the child should have died");
+    let store = PageStore::open(&path, 3).unwrap();
+    let left = store.usage().unwrap();
+    assert!(left.objects > before.objects, "{left:?} vs {before:?}");
+    let gc = store.collect_garbage().unwrap();
     assert!(gc.objects_removed > 0);
-    assert_eq!(store2.usage().unwrap().objects, 0);
+    assert_eq!(store.usage().unwrap().objects, before.objects);
+    assert_eq!(store.list().unwrap().len(), 1);
+    assert_eq!(restored_memory(&store, "web@1").unwrap(), mem);
+    // The interrupted checkpoint's id is not given out again.
+    let m = checkpoint(&store, "web", &stream(&mem, &mem, &[])).unwrap();
+    assert_eq!(m.id, "web@3");
+    drop(dir);
 }

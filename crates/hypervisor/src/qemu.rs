@@ -111,6 +111,8 @@ pub struct LaunchSpec {
     /// Start by waiting for an incoming migration stream on this unix
     /// socket (a restore or a migration), instead of booting.
     pub incoming: Option<PathBuf>,
+    /// Do not start the guest's CPUs (`-S`); `cont` starts them.
+    pub start_paused: bool,
 }
 
 impl LaunchSpec {
@@ -154,6 +156,9 @@ impl LaunchSpec {
         if let Some(ap) = &self.append {
             a.push("-append".into());
             a.push(ap.clone());
+        }
+        if self.start_paused {
+            a.push("-S".into());
         }
         if let Some(sock) = &self.incoming {
             a.push("-incoming".into());
@@ -359,6 +364,7 @@ mod tests {
             console_log: "/run/c.log".into(),
             qemu_log: "/run/q.log".into(),
             incoming: Some("/run/in.sock".into()),
+            start_paused: true,
         };
         let a = spec.args().join(" ");
         for want in [
@@ -372,6 +378,7 @@ mod tests {
             "unix:/run/q.sock,server=on,wait=off",
             "file,id=console0,path=/run/c.log",
             "-incoming unix:/run/in.sock",
+            "-S",
         ] {
             assert!(a.contains(want), "{want:?} missing from {a}");
         }
