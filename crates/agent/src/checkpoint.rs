@@ -163,12 +163,16 @@ impl Manager {
         let (path_tx, path_rx) = mpsc::channel::<PathBuf>();
         let pages = self.pages.clone();
         let ckpt = id.to_string();
-        let mut feeder =
-            tokio::task::spawn_blocking(move || feed_stream(&pages, &ckpt, ready_tx, path_rx));
+        let mut feeder = Feeder {
+            path_tx,
+            task: tokio::task::spawn_blocking(move || {
+                feed_stream(&pages, &ckpt, ready_tx, path_rx)
+            }),
+        };
         let manifest = match ready_rx.await {
             Ok(m) => m,
             Err(_) => {
-                return Err(match join_feeder(&mut feeder).await {
+                return Err(match join_feeder(&mut feeder.task).await {
                     Err(e) => e,
                     Ok(_) => failed("the page store reader ended early".into()),
                 })
@@ -192,7 +196,7 @@ impl Manager {
         let vm = self.vm(new_name)?;
         let op = vm.op.lock().await;
         let result = self
-            .start_incoming(&vm, id, &spec, accel, paused, path_tx, &mut feeder)
+            .start_incoming(&vm, id, &spec, accel, paused, &mut feeder)
             .await;
         drop(op);
         match result {
@@ -217,8 +221,7 @@ impl Manager {
         spec: &VmSpec,
         accel: Accel,
         paused: bool,
-        path_tx: mpsc::Sender<PathBuf>,
-        feeder: &mut tokio::task::JoinHandle<Result<u64, AgentError>>,
+        feeder: &mut Feeder,
     ) -> Result<(), AgentError> {
         let failed = |detail: String| AgentError::RestoreFailed {
             checkpoint: id.into(),
@@ -243,8 +246,8 @@ impl Manager {
                 })
             }
         };
-        let _ = path_tx.send(sock.clone());
-        let fed = join_feeder(feeder).await;
+        let _ = feeder.path_tx.send(sock.clone());
+        let fed = join_feeder(&mut feeder.task).await;
         let running = match &fed {
             Ok(_) => wait_loaded(&launched.qmp, paused, Duration::from_secs(60)).await,
             Err(_) => Err(String::new()),
@@ -329,6 +332,13 @@ impl Manager {
                 .collect(),
         })
     }
+}
+
+/// The thread that writes a checkpoint's stream into a restoring QEMU,
+/// and how to tell it where QEMU listens.
+struct Feeder {
+    path_tx: mpsc::Sender<PathBuf>,
+    task: tokio::task::JoinHandle<Result<u64, AgentError>>,
 }
 
 async fn blocking<T: Send + 'static>(
