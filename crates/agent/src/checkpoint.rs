@@ -33,6 +33,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often migration progress is polled.
 const POLL: Duration = Duration::from_millis(20);
+/// QEMU's `max-bandwidth` when the configuration sets no limit.
+const UNLIMITED_BYTES_PER_SEC: u64 = 64 << 30;
 /// Bytes read from or written to a stream socket at a time.
 const IO_CHUNK: usize = 1 << 20;
 
@@ -106,8 +108,20 @@ impl Manager {
         tracing::info!(vm = %name, checkpoint = %id, "checkpoint started");
 
         let was_running = state == VmState::Running;
-        let driven =
-            drive_migration(&qmp, &listener, &sock, conn_tx, &mut writer, was_running).await;
+        let limit = match self.cfg.checkpoint_max_bandwidth {
+            0 => UNLIMITED_BYTES_PER_SEC,
+            n => n,
+        };
+        let driven = drive_migration(
+            &qmp,
+            &listener,
+            &sock,
+            conn_tx,
+            &mut writer,
+            was_running,
+            limit,
+        )
+        .await;
         let _ = std::fs::remove_file(&sock);
         let (pause_ms, downtime_ms) = match driven {
             Ok(times) => times,
@@ -320,6 +334,7 @@ impl Manager {
             objects_checked: r.objects_checked,
             bytes_checked: r.bytes_checked,
             corrupt_objects: r.corrupt_objects,
+            dropped_objects: r.dropped_objects,
             checkpoints: r
                 .checkpoints
                 .into_iter()
@@ -382,13 +397,14 @@ async fn drive_migration(
     conn_tx: mpsc::Sender<UnixStream>,
     writer: &mut tokio::task::JoinHandle<Result<Manifest, AgentError>>,
     was_running: bool,
+    max_bytes_per_sec: u64,
 ) -> Result<(Option<u64>, Option<u64>), String> {
     let mut events = qmp.events();
     let q = |e: dwcp_hypervisor::QmpError| e.to_string();
     qmp.execute("migrate-set-capabilities", Some(capabilities()))
         .await
         .map_err(q)?;
-    let params = json!({ "max-bandwidth": 64u64 << 30, "downtime-limit": 300 });
+    let params = json!({ "max-bandwidth": max_bytes_per_sec, "downtime-limit": 300 });
     qmp.execute("migrate-set-parameters", Some(params))
         .await
         .map_err(q)?;

@@ -57,6 +57,9 @@ pub struct AgentConfig {
     pub memory_overcommit: f64,
     /// zstd level for new pages in the page store (1 fastest, 19 smallest).
     pub checkpoint_zstd_level: i32,
+    /// Bytes per second a checkpoint may read from QEMU (0: no limit), to
+    /// spare the disk and CPU of other work.
+    pub checkpoint_max_bandwidth: u64,
 }
 
 mod secs {
@@ -90,6 +93,7 @@ impl Default for AgentConfig {
             qmp_timeout: Duration::from_secs(10),
             memory_overcommit: 1.0,
             checkpoint_zstd_level: 3,
+            checkpoint_max_bandwidth: 0,
         }
     }
 }

@@ -266,6 +266,9 @@ pub struct VerifyResult {
     /// Objects whose content does not match their digest.
     pub corrupt_objects: Vec<String>,
     pub checkpoints: Vec<CheckpointHealth>,
+    /// Corrupt objects dropped from the store's index, so that the next
+    /// checkpoint holding those pages stores them afresh.
+    pub dropped_objects: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

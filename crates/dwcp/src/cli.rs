@@ -585,6 +585,12 @@ fn print_verify(r: &VerifyResult) {
     for o in &r.corrupt_objects {
         println!("  corrupt: {o}");
     }
+    if r.dropped_objects > 0 {
+        println!(
+            "dropped {} corrupt objects: the next checkpoint of those pages stores them again",
+            r.dropped_objects
+        );
+    }
     for h in &r.checkpoints {
         if h.ok {
             println!("{:<24} ok", h.id);

@@ -10,7 +10,7 @@ use redb::ReadableTable;
 use crate::codec::{Encoder, Encoding, Page};
 use crate::manifest::BlockInfo;
 use crate::objects::{sweep, ObjectReader, PackWriter, INDEX, PACKS};
-use crate::store::{self, PageProblem, COUNTERS, MANIFESTS, NEXT_PACK, PAGEMAPS};
+use crate::store::{self, PageProblem, COUNTERS, LOST, MANIFESTS, NEXT_PACK, PAGEMAPS};
 use crate::{CheckpointStats, Digest, HdeError, Manifest, PageMap, PageStore};
 
 /// Pages hashed but not yet looked up and written.
@@ -55,6 +55,8 @@ pub struct CheckpointWriter<'s> {
     /// New objects written by this checkpoint, with their sizes.
     written: HashMap<Digest, u64>,
     packer: PackWriter,
+    /// Pages `verify` found missing or corrupt: stored again when met.
+    lost: std::collections::HashSet<Digest>,
     stats: CheckpointStats,
     busy: std::time::Duration,
     finished: bool,
@@ -70,6 +72,13 @@ impl PageStore {
             None => None,
         };
         let id = self.next_id(vm)?;
+        let mut lost = std::collections::HashSet::new();
+        {
+            let tx = self.db()?.begin_read()?;
+            for row in tx.open_table(LOST)?.iter()? {
+                lost.insert(store::digest_from(row?.0.value()));
+            }
+        }
         Ok(CheckpointWriter {
             db: self.db()?,
             _lock: lock,
@@ -88,6 +97,7 @@ impl PageStore {
             pending: Vec::with_capacity(BATCH_PAGES),
             written: HashMap::new(),
             packer: PackWriter::new(),
+            lost,
             stats: CheckpointStats::default(),
             busy: std::time::Duration::ZERO,
             finished: false,
@@ -169,7 +179,8 @@ impl CheckpointWriter<'_> {
                             .parent
                             .as_ref()
                             .and_then(|(_, m)| m.get(p.block as usize, index as usize))
-                            == Some(&d);
+                            == Some(&d)
+                            && !self.lost.contains(&d);
                         if d != Digest::zero_page() && !unchanged && !self.written.contains_key(&d)
                         {
                             self.pending.push((p.block, index, d, data));
@@ -381,6 +392,13 @@ impl CheckpointWriter<'_> {
                 Some(&mine),
             )?;
             counters.insert(NEXT_PACK, next_pack)?;
+            // Lost pages this checkpoint stored again are found.
+            let mut lost = tx.open_table(LOST)?;
+            for d in &self.lost {
+                if index.get(&d.0[..])?.is_some() {
+                    lost.remove(&d.0[..])?;
+                }
+            }
             self.stats.stored_bytes += self.written.values().sum::<u64>() + changes.len() as u64;
             self.stats.encode_secs = (self.busy + started.elapsed()).as_secs_f64();
             self.stats.pause_ms = pause_ms;

@@ -18,6 +18,10 @@ pub(crate) const PAGEMAPS: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// VM name -> number of its last checkpoint (ids are never reused), and
 /// [`NEXT_PACK`] -> the next pack id.
 pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Digests of pages found missing or corrupt by `verify`: the next
+/// checkpoint that meets them stores them again even where its parent
+/// names the same page.
+pub(crate) const LOST: TableDefinition<&[u8], u8> = TableDefinition::new("lost");
 /// Key of the pack counter (no VM name can contain `#`).
 pub(crate) const NEXT_PACK: &str = "#pack";
 
@@ -68,6 +72,12 @@ pub struct VerifyReport {
     /// Objects whose content does not match their digest.
     pub corrupt_objects: Vec<String>,
     pub checkpoints: Vec<Health>,
+    /// Corrupt objects dropped from the index.
+    pub dropped_objects: u64,
+    #[serde(skip)]
+    corrupt: HashSet<Digest>,
+    #[serde(skip)]
+    missing: HashSet<Digest>,
 }
 
 impl VerifyReport {
@@ -103,6 +113,7 @@ impl PageStore {
         let tx = db.begin_write()?;
         tx.open_table(INDEX)?;
         tx.open_table(PACKS)?;
+        tx.open_table(LOST)?;
         tx.open_table(MANIFESTS)?;
         tx.open_table(PAGEMAPS)?;
         tx.open_table(COUNTERS)?;
@@ -323,7 +334,40 @@ impl PageStore {
     /// Re-hashes stored objects and checks that checkpoints have all they
     /// need: every object when `only` is `None`, else what checkpoint
     /// `only` uses.
+    ///
+    /// A corrupt object is then dropped from the index: it can never be
+    /// read correctly again, and without it the next checkpoint that
+    /// meets the same page stores it afresh instead of pointing at the
+    /// broken copy. Checkpoints that used it stay broken (and say so).
     pub fn verify(&self, only: Option<&str>) -> Result<VerifyReport, HdeError> {
+        let mut report = self.verify_snapshot(only)?;
+        if !report.corrupt.is_empty() || !report.missing.is_empty() {
+            let _w = self.lock_writer();
+            let tx = self.db()?.begin_write()?;
+            {
+                let mut index = tx.open_table(INDEX)?;
+                let mut lost = tx.open_table(LOST)?;
+                for d in &report.corrupt {
+                    if index.remove(&d.0[..])?.is_some() {
+                        report.dropped_objects += 1;
+                    }
+                    lost.insert(&d.0[..], 0)?;
+                }
+                for d in &report.missing {
+                    lost.insert(&d.0[..], 0)?;
+                }
+            }
+            tx.commit()?;
+            tracing::warn!(
+                dropped = report.dropped_objects,
+                missing = report.missing.len(),
+                "page store: corrupt objects dropped, lost pages noted for the next checkpoint"
+            );
+        }
+        Ok(report)
+    }
+
+    fn verify_snapshot(&self, only: Option<&str>) -> Result<VerifyReport, HdeError> {
         let tx = self.db()?.begin_read()?;
         let index = tx.open_table(INDEX)?;
         let mut reader = ObjectReader::new(tx.open_table(INDEX)?, tx.open_table(PACKS)?);
@@ -349,10 +393,17 @@ impl PageStore {
                         report.bytes_checked += bytes.len() as u64;
                         match codec::head(&bytes) {
                             Ok(ObjectHead::Blob) => reader.blob(&d).err(),
-                            _ => reader.page(&d).err().map(describe),
+                            _ => match reader.page(&d) {
+                                Ok(_) => None,
+                                Err(PageProblem::Store(e)) => return Err(e),
+                                Err(p) => Some(describe(p)),
+                            },
                         }
                     }
                 };
+                if problem.is_some() {
+                    report.corrupt.insert(d);
+                }
                 if let Some(p) = &problem {
                     report.corrupt_objects.push(format!("object {d}: {p}"));
                 }
@@ -391,7 +442,18 @@ impl PageStore {
                         let problem = match checked.get(d) {
                             Some(p) => p.clone(),
                             None => {
-                                let p = reader.page(d).err().map(describe);
+                                let p = match reader.page(d) {
+                                    Ok(_) => None,
+                                    Err(PageProblem::Store(e)) => return Err(e),
+                                    Err(PageProblem::Missing) => {
+                                        report.missing.insert(*d);
+                                        Some("missing".to_string())
+                                    }
+                                    Err(p) => {
+                                        report.corrupt.insert(*d);
+                                        Some(describe(p))
+                                    }
+                                };
                                 report.objects_checked += 1;
                                 checked.insert(*d, p.clone());
                                 p
