@@ -4,6 +4,7 @@
 //! crates together; the work is done in `dwcp-agent`, `dwcp-api` and
 //! `dwcp-hypervisor`.
 
+mod bench;
 mod cli;
 mod demo;
 mod transfer;
@@ -45,6 +46,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print the agent's OpenAPI document.
     Openapi,
+    /// Benchmarks that measure a baseline side by side (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -163,6 +166,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => {
             init_logging("warn");
             demo::run(args).await
+        }
+        Command::Bench(args) => {
+            init_logging("warn");
+            bench::run(args).await
         }
         Command::Openapi => {
             println!("{}", dwcp_agent::http::openapi_document());
