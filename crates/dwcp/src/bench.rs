@@ -111,7 +111,14 @@ async fn checkpoint(b: CheckpointBench) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for fill in &b.fills {
         for &dirty in &b.dirty {
-            let name = format!("{fill}, {}", if dirty == 0 { "idle".to_string() } else { format!("{dirty} pages/s") });
+            let name = format!(
+                "{fill}, {}",
+                if dirty == 0 {
+                    "idle".to_string()
+                } else {
+                    format!("{dirty} pages/s")
+                }
+            );
             println!("\n==> {name}: booting and capturing");
             let row = one_guest(&b, &qemu, &guest, fill, dirty, name)
                 .await
@@ -166,7 +173,12 @@ async fn one_guest(
     .await;
     let _ = l.child.kill().await;
     let (s1, s2, multifd_bytes) = result?;
-    println!("    streams: {} and {} bytes; QEMU multifd+zstd {} bytes", s1.len(), s2.len(), multifd_bytes);
+    println!(
+        "    streams: {} and {} bytes; QEMU multifd+zstd {} bytes",
+        s1.len(),
+        s2.len(),
+        multifd_bytes
+    );
     let level = b.level;
     let row = tokio::task::spawn_blocking(move || measure(name, &s1, &s2, multifd_bytes, level))
         .await??;
@@ -205,15 +217,22 @@ async fn capture(l: &Launched, dir: &Path, multifd: bool) -> anyhow::Result<Capt
         {"capability": "xbzrle", "state": false},
         {"capability": "return-path", "state": false},
     ]});
-    l.qmp.execute("migrate-set-capabilities", Some(caps)).await?;
+    l.qmp
+        .execute("migrate-set-capabilities", Some(caps))
+        .await?;
     let mut params = json!({"max-bandwidth": 64u64 << 30, "downtime-limit": 300});
     if multifd {
         params["multifd-compression"] = json!("zstd");
         params["multifd-channels"] = json!(2);
     }
-    l.qmp.execute("migrate-set-parameters", Some(params)).await?;
     l.qmp
-        .execute("migrate", Some(json!({"uri": format!("unix:{}", sock.display())})))
+        .execute("migrate-set-parameters", Some(params))
+        .await?;
+    l.qmp
+        .execute(
+            "migrate",
+            Some(json!({"uri": format!("unix:{}", sock.display())})),
+        )
         .await?;
     // The main channel, then (multifd) one per channel; read all to the end.
     let conns = if multifd { 3 } else { 1 };
@@ -274,7 +293,11 @@ fn final_memory(stream: &[u8]) -> anyhow::Result<HashMap<(u16, u64), Digest>> {
     Ok(mem)
 }
 
-fn store_stream(store: &PageStore, vm: &str, stream: &[u8]) -> anyhow::Result<(dwcp_hde::Manifest, f64)> {
+fn store_stream(
+    store: &PageStore,
+    vm: &str,
+    stream: &[u8],
+) -> anyhow::Result<(dwcp_hde::Manifest, f64)> {
     let t = Instant::now();
     let mut w = store.begin_checkpoint(vm)?;
     let mut p = StreamParser::new();
@@ -290,7 +313,11 @@ fn store_stream(store: &PageStore, vm: &str, stream: &[u8]) -> anyhow::Result<(d
 }
 
 /// Restores `id` and checks every page against `want`.
-fn restore_matches(store: &PageStore, id: &str, want: &HashMap<(u16, u64), Digest>) -> anyhow::Result<bool> {
+fn restore_matches(
+    store: &PageStore,
+    id: &str,
+    want: &HashMap<(u16, u64), Digest>,
+) -> anyhow::Result<bool> {
     let got = {
         let mut r = store.restore_stream(id)?;
         let mut all = Vec::new();
@@ -308,18 +335,31 @@ fn restore_matches(store: &PageStore, id: &str, want: &HashMap<(u16, u64), Diges
 fn zstd_of(stream: &[u8], level: i32) -> anyhow::Result<(u64, f64)> {
     let t = Instant::now();
     let z = zstd::bulk::compress(stream, level)?;
-    Ok((z.len() as u64, stream.len() as f64 / t.elapsed().as_secs_f64()))
+    Ok((
+        z.len() as u64,
+        stream.len() as f64 / t.elapsed().as_secs_f64(),
+    ))
 }
 
-fn measure(name: String, s1: &[u8], s2: &[u8], multifd_bytes: u64, level: i32) -> anyhow::Result<Row> {
+fn measure(
+    name: String,
+    s1: &[u8],
+    s2: &[u8],
+    multifd_bytes: u64,
+    level: i32,
+) -> anyhow::Result<Row> {
     let zstd1 = zstd_of(s1, 1)?;
     let zstd3 = zstd_of(s1, 3)?;
-    let dir = tempfile::Builder::new().prefix("dwcp-bench-store-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("dwcp-bench-store-")
+        .tempdir()?;
     let store = PageStore::open(&dir.path().join("pages.redb"), level)?;
     let (full, full_secs) = store_stream(&store, "vm", s1)?;
     let (incr, _) = store_stream(&store, "vm", s2)?;
     // Every page known: what is left is parsing, hashing and lookups.
-    let other = tempfile::Builder::new().prefix("dwcp-bench-store-").tempdir()?;
+    let other = tempfile::Builder::new()
+        .prefix("dwcp-bench-store-")
+        .tempdir()?;
     let warm = PageStore::open(&other.path().join("pages.redb"), level)?;
     store_stream(&warm, "a", s1)?;
     let (_, dedup_secs) = store_stream(&warm, "b", s1)?;
@@ -357,7 +397,9 @@ fn mb(b: u64) -> String {
 
 fn print_table(rows: &[Row]) {
     println!("\nFull checkpoint (bytes kept, MB) against the raw stream compressed whole, and QEMU multifd+zstd (2 channels, level 1):\n");
-    println!("| guest | stream | zstd -1 | zstd -3 | QEMU multifd+zstd | HDE full | HDE / best other |");
+    println!(
+        "| guest | stream | zstd -1 | zstd -3 | QEMU multifd+zstd | HDE full | HDE / best other |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let best = r.zstd1.0.min(r.zstd3.0).min(r.multifd_bytes).max(1);
@@ -383,7 +425,11 @@ fn print_table(rows: &[Row]) {
             r.changed_pages,
             mb(changed_bytes),
             mb(r.incr_stored),
-            if changed_bytes == 0 { "-".to_string() } else { format!("{:.2}", r.incr_stored as f64 / changed_bytes as f64) },
+            if changed_bytes == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}", r.incr_stored as f64 / changed_bytes as f64)
+            },
             r.full_rate / 1e6,
             r.zstd1.1 / 1e6,
             r.zstd3.1 / 1e6,

@@ -260,6 +260,7 @@ impl CheckpointWriter<'_> {
         // Delta bases are pages of the parent, committed long ago.
         let snapshot = self.db.begin_read()?;
         let mut bases = ObjectReader::new(snapshot.open_table(INDEX)?, snapshot.open_table(PACKS)?);
+        let written_before = self.written.len();
         let tx = self.db.begin_write()?;
         {
             let mut index = tx.open_table(INDEX)?;
@@ -298,7 +299,12 @@ impl CheckpointWriter<'_> {
             }
             counters.insert(NEXT_PACK, next_pack)?;
         }
-        tx.commit()?;
+        if self.written.len() == written_before {
+            // Every page was known: nothing to make durable.
+            tx.abort()?;
+        } else {
+            tx.commit()?;
+        }
         Ok(())
     }
 
