@@ -1,6 +1,8 @@
 //! `dwcp demo`: a temporary agent, the test guest booted on it, its TICK
 //! lines shown live, a pause and a resume proven from the guest's own
-//! output, and everything cleaned up.
+//! output, two live checkpoints (the second storing only what changed), a
+//! restore that goes on counting from the checkpoint, and everything
+//! cleaned up.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use dwcp_agent::{AccelChoice, AgentConfig};
-use dwcp_api::{Client, StopRequest, VmSpec};
+use dwcp_api::{format_bytes, Client, StopRequest, VmSpec};
 
 use crate::cli::ensure;
 
@@ -167,6 +169,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     steps.begin("stopping the agent and removing its data");
     let _ = client.delete("demo", true).await;
+    let _ = client.delete("demo-copy", true).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
     drop(data);
@@ -178,7 +181,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("  {:<32} {:>7.2} s", "total", total.elapsed().as_secs_f64());
     result?;
-    println!("\ndemo OK: the guest booted, kept counting with its memory intact, and paused and resumed on request.");
+    println!("\ndemo OK: the guest booted, kept counting with its memory intact, paused and resumed on request, and went on counting from a live checkpoint.");
     Ok(())
 }
 
@@ -262,6 +265,55 @@ async fn story(
         before.unwrap_or(0)
     );
     steps.done("resume");
+
+    steps.begin("live checkpoint (the guest keeps running)");
+    let a = client.checkpoint("demo").await?;
+    println!(
+        "    {}: {} pages, {} new, {} stored of a {} stream, guest paused {} ms",
+        a.id,
+        a.pages,
+        a.new_pages,
+        format_bytes(a.stored_bytes),
+        format_bytes(a.stream_bytes),
+        a.pause_ms.unwrap_or(0)
+    );
+    console.wait_ticks(3, Duration::from_secs(30)).await?;
+    steps.done("checkpoint 1");
+
+    steps.begin("second checkpoint: only what the guest changed since");
+    let b = client.checkpoint("demo").await?;
+    let at = console.last_tick().unwrap_or(0);
+    println!(
+        "    {}: {} pages changed, {} stored ({} as deltas), guest paused {} ms",
+        b.id,
+        b.changed_pages,
+        format_bytes(b.stored_bytes),
+        b.delta_pages,
+        b.pause_ms.unwrap_or(0)
+    );
+    steps.done("checkpoint 2");
+
+    steps.begin(&format!("restoring {} as VM \"demo-copy\"", b.id));
+    let copy = client.restore(&b.id, "demo-copy", false).await?;
+    println!(
+        "    demo-copy is {} (QEMU pid {})",
+        copy.state,
+        copy.pid.unwrap_or(0)
+    );
+    let mut copy_console = Console {
+        client,
+        name: "demo-copy",
+        offset: 0,
+        text: String::new(),
+    };
+    copy_console.wait_ticks(3, Duration::from_secs(60)).await?;
+    let first = ticks(&copy_console.text).first().copied().unwrap_or(0);
+    ensure(first >= at && first <= at + 3, || {
+        format!("the copy started counting at {first}, the checkpoint was taken after {at}")
+    })?;
+    println!("    the copy went on from TICK {first} (checkpoint taken after {at}), memory self-check OK");
+    client.delete("demo-copy", true).await?;
+    steps.done("restore");
 
     steps.begin("stopping the VM (ACPI power button)");
     let v = client
