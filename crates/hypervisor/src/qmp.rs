@@ -239,7 +239,9 @@ async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
-                tracing::warn!(error = %e, "QMP stream broken");
+                // QEMU killed or crashed: whoever owns the process reports
+                // that; a broken stream alone says nothing more.
+                tracing::debug!(error = %e, "QMP stream broken");
                 break;
             }
         };
