@@ -1,11 +1,15 @@
 //! The agent's configuration: TOML file, environment and flags, in that
 //! order of strength (flag > env > file > default; the binary merges them).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+/// The port other nodes reach an agent's AMST listener on by default.
+pub const DEFAULT_AMST_PORT: u16 = 7481;
 
 /// Which accelerator VMs get.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +64,18 @@ pub struct AgentConfig {
     /// Bytes per second a checkpoint may read from QEMU (0: no limit), to
     /// spare the disk and CPU of other work.
     pub checkpoint_max_bandwidth: u64,
+    /// This node's certificate directory (`dwcp cluster issue --out`).
+    /// Without it the node talks to no other node.
+    pub identity: Option<PathBuf>,
+    /// Where other nodes reach this one over AMST.
+    pub amst_listen: SocketAddr,
+    /// Other nodes by name: where their AMST listens (`[peers]` table).
+    pub peers: BTreeMap<String, SocketAddr>,
+    /// How often each peer's link is measured (RTT and goodput).
+    #[serde(with = "secs")]
+    pub probe_interval: Duration,
+    /// Bytes sent to measure a peer's goodput.
+    pub probe_bytes: u64,
 }
 
 mod secs {
@@ -94,6 +110,11 @@ impl Default for AgentConfig {
             memory_overcommit: 1.0,
             checkpoint_zstd_level: 3,
             checkpoint_max_bandwidth: 0,
+            identity: None,
+            amst_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_AMST_PORT)),
+            peers: BTreeMap::new(),
+            probe_interval: Duration::from_secs(10),
+            probe_bytes: 4 << 20,
         }
     }
 }
@@ -160,6 +181,25 @@ impl AgentConfig {
                 "memory_overcommit {} is out of range (0.1 to 8)",
                 self.memory_overcommit
             ));
+        }
+        for name in self.peers.keys() {
+            if !dwcp_transport::identity::valid_node_name(name) {
+                return bad(format!(
+                    "peer name {name:?}: use 1-63 letters, digits and '-'"
+                ));
+            }
+            if Some(name) == self.node_name.as_ref() {
+                return bad(format!("peer {name:?} is this node's own name"));
+            }
+        }
+        if !self.peers.is_empty() && self.identity.is_none() {
+            return bad("peers need this node's certificate: set identity (--identity DIR from `dwcp cluster issue`)".into());
+        }
+        if self.probe_interval < Duration::from_secs(1)
+            || self.probe_bytes == 0
+            || self.probe_bytes > 1 << 30
+        {
+            return bad("probe_interval must be at least 1 s and probe_bytes 1 B to 1 GiB".into());
         }
         if !(1..=19).contains(&self.checkpoint_zstd_level) {
             return bad(format!(

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dwcp_api::{
     CheckpointHealth, CheckpointInfo, DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo,
-    RestoreRequest, StopRequest, VerifyResult, VmInfo, VmSpec, VmState,
+    PeerInfo, RestoreRequest, StopRequest, VerifyResult, VmInfo, VmSpec, VmState,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -174,6 +174,12 @@ pub struct ConsoleQuery {
 #[utoipa::path(get, path = "/v1/node", responses((status = 200, body = NodeInfo)))]
 async fn node(State(m): Mgr) -> Json<NodeInfo> {
     Json(m.node_info())
+}
+
+/// Other nodes this one knows, with their last measured RTT and goodput.
+#[utoipa::path(get, path = "/v1/peers", responses((status = 200, body = Vec<PeerInfo>)))]
+async fn peers(State(m): Mgr) -> Json<Vec<PeerInfo>> {
+    Json(m.peers())
 }
 
 #[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = Vec<VmInfo>)))]
@@ -402,6 +408,7 @@ async fn wrong_method() -> Response {
     ),
     paths(
         node,
+        peers,
         list,
         create,
         show,
@@ -419,6 +426,7 @@ async fn wrong_method() -> Response {
         verify_checkpoints
     ),
     components(schemas(
+        PeerInfo,
         VmSpec,
         VmInfo,
         VmState,
@@ -445,6 +453,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi_json))
         .route("/v1/node", get(node))
+        .route("/v1/peers", get(peers))
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{name}", get(show).delete(delete))
         .route("/v1/vms/{name}/start", post(start))

@@ -22,6 +22,7 @@ mod checkpoint;
 pub mod config;
 pub mod http;
 pub mod manager;
+pub mod peers;
 pub mod store;
 
 use std::future::Future;
@@ -48,6 +49,10 @@ pub enum StartError {
     Qemu(#[from] dwcp_hypervisor::QemuError),
     #[error("cannot open the page store")]
     Pages(#[from] dwcp_hde::HdeError),
+    #[error("cannot load this node's certificate")]
+    Identity(#[source] dwcp_transport::identity::IdentityError),
+    #[error("cannot start the AMST listener")]
+    Transport(#[source] dwcp_transport::TransportError),
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,

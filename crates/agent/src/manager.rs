@@ -202,6 +202,8 @@ pub struct Manager {
     store: Store,
     /// Checkpoints and their pages.
     pub(crate) pages: Arc<dwcp_hde::PageStore>,
+    /// Other nodes (when this one has an identity).
+    pub(crate) peers: Option<Arc<crate::peers::Peers>>,
     pub(crate) qemu: QemuBinary,
     accel: watch::Receiver<Option<AccelReport>>,
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
@@ -230,7 +232,11 @@ impl Manager {
         .await
         .map_err(|e| StartError::Pages(dwcp_hde::HdeError::Stream(e.to_string())))??;
         let qemu = QemuBinary::detect(&cfg.qemu_binary).await?;
-        let node_name = cfg.node_name.clone().unwrap_or_else(host_name);
+        let peers = crate::peers::Peers::start(&cfg).await?;
+        let node_name = match &peers {
+            Some(p) => p.node_name(),
+            None => cfg.node_name.clone().unwrap_or_else(host_name),
+        };
         let (accel_tx, accel) = watch::channel(None);
         let report = match cfg.accel {
             AccelChoice::Tcg => Some(AccelReport {
@@ -271,6 +277,7 @@ impl Manager {
             node_name,
             store,
             pages: Arc::new(pages),
+            peers,
             qemu,
             accel,
             vms: Mutex::new(vms),
@@ -392,6 +399,11 @@ impl Manager {
             last_error: c.rec.last_error.clone(),
             created_unix: c.rec.created_unix,
         }
+    }
+
+    /// The other nodes this one knows, as last measured.
+    pub fn peers(&self) -> Vec<dwcp_api::PeerInfo> {
+        self.peers.as_ref().map(|p| p.list()).unwrap_or_default()
     }
 
     pub fn list(&self) -> Vec<VmInfo> {

@@ -6,8 +6,8 @@ use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::types::{
-    CheckpointInfo, DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo, RestoreRequest,
-    StopRequest, VerifyResult, VmInfo, VmSpec,
+    CheckpointInfo, DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo, PeerInfo,
+    RestoreRequest, StopRequest, VerifyResult, VmInfo, VmSpec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +149,11 @@ impl Client {
             req = req.json(b);
         }
         self.json(req, &p).await
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
+        self.json(self.http.get(self.url("/v1/peers")), "/v1/peers")
+            .await
     }
 
     pub async fn checkpoint(&self, name: &str) -> Result<CheckpointInfo, ClientError> {

@@ -246,6 +246,32 @@ pub struct CheckpointInfo {
     pub took_ms: Option<u64>,
 }
 
+/// Another node this one knows, as last measured.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct PeerInfo {
+    pub name: String,
+    /// Where its AMST listener is.
+    pub addr: String,
+    /// `up` (the last probe worked), `down` (it failed) or `unknown` (not
+    /// probed yet).
+    pub state: String,
+    /// Round-trip time of the AMST session, from the kernel's TCP estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Goodput of the last probe transfer (bits per second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goodput_bps: Option<f64>,
+    /// Connections of the AMST session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<usize>,
+    /// When it was last probed (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probed_unix_ms: Option<u64>,
+    /// Why the last probe failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
 /// Body of `POST /v1/checkpoints/{id}/restore`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -181,6 +181,11 @@ enum NodeAction {
         #[arg(long)]
         json: bool,
     },
+    /// The other nodes this one knows, with their measured RTT and goodput.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn size(s: &str) -> Result<u64, String> {
@@ -609,6 +614,30 @@ fn print_verify(r: &VerifyResult) {
 pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
     let c = cmd.target.client()?;
     match cmd.action {
+        NodeAction::List { json } => {
+            let peers = c.peers().await?;
+            if json {
+                print_json(&peers)?;
+            } else {
+                println!(
+                    "{:<16} {:<22} {:<8} {:>9} {:>12} {:>7}  LAST ERROR",
+                    "NAME", "ADDRESS", "STATE", "RTT", "GOODPUT", "STREAMS"
+                );
+                for p in &peers {
+                    println!(
+                        "{:<16} {:<22} {:<8} {:>9} {:>12} {:>7}  {}",
+                        p.name,
+                        p.addr,
+                        p.state,
+                        p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms")),
+                        p.goodput_bps
+                            .map_or("-".into(), |g| format!("{:.1} Mbit/s", g / 1e6)),
+                        p.streams.map_or("-".into(), |s| s.to_string()),
+                        p.last_error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
         NodeAction::Info { json } => {
             let n = c.node().await?;
             if json {

@@ -74,6 +74,27 @@ struct AgentArgs {
     /// to prove that KVM works.
     #[arg(long, env = "DWCP_PROBE_GUEST_DIR")]
     probe_guest_dir: Option<PathBuf>,
+    /// This node's certificate directory (from `dwcp cluster issue`);
+    /// needed to talk to other nodes.
+    #[arg(long, env = "DWCP_IDENTITY")]
+    identity: Option<PathBuf>,
+    /// Where other nodes reach this one over AMST [default: 0.0.0.0:7481].
+    #[arg(long, env = "DWCP_AMST_LISTEN")]
+    amst_listen: Option<SocketAddr>,
+    /// Another node, NAME=ADDR:PORT of its AMST listener (repeatable; adds
+    /// to the config file's [peers]).
+    #[arg(long = "peer", value_parser = peer_arg)]
+    peers: Vec<(String, SocketAddr)>,
+}
+
+fn peer_arg(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=ADDR:PORT"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?}: expected an address like 10.0.0.2:7481"))?;
+    Ok((name.to_string(), addr))
 }
 
 impl AgentArgs {
@@ -101,6 +122,13 @@ impl AgentArgs {
         if let Some(v) = self.probe_guest_dir {
             cfg.probe_guest_dir = Some(v);
         }
+        if let Some(v) = self.identity {
+            cfg.identity = Some(v);
+        }
+        if let Some(v) = self.amst_listen {
+            cfg.amst_listen = v;
+        }
+        cfg.peers.extend(self.peers);
         if cfg.data_dir.is_relative() {
             cfg.data_dir = std::env::current_dir()
                 .context("cannot read the current directory")?

@@ -589,7 +589,9 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), Tr
         .await
         .map_err(|_| TransportError::Timeout { addr, after: to })?
         .map_err(|source| TransportError::Connect { addr, source })?;
-    let rtt = (*lock(&inner.rtt)).unwrap_or_else(|| t0.elapsed());
+    // SYN to SYN-ACK: one round trip, without TLS's CPU time in it.
+    let connect_rtt = t0.elapsed();
+    let rtt = (*lock(&inner.rtt)).unwrap_or(connect_rtt);
     let algo = tune_socket(&tcp, &inner.cfg, buffer_for(&inner.cfg, rtt));
     let tls = tokio::time::timeout(to, inner.connector.connect(inner.server_name.clone(), tcp))
         .await
@@ -641,8 +643,14 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), Tr
         .await
         .map_err(|_| TransportError::Timeout { addr, after: to })?
         .map_err(|source| TransportError::Handshake { addr, source })?;
-    let first_rtt = t0.elapsed() / 3; // connect + TLS 1.3 + hello: about 3 round trips
-    let rtt = *lock(&inner.rtt).get_or_insert(first_rtt);
+    // The session's RTT: the smallest TCP connect time seen (the base RTT
+    // of the path, not of its queues).
+    let rtt = {
+        let mut r = lock(&inner.rtt);
+        let best = r.map_or(connect_rtt, |old| old.min(connect_rtt));
+        *r = Some(best);
+        best
+    };
     // A frame holding up in-order delivery for 4 RTTs (at least 300 ms) goes
     // out again on an idle connection.
     let hedge = (rtt * 4).max(Duration::from_millis(300));

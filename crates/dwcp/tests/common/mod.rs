@@ -42,6 +42,8 @@ pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T
 pub struct Agent {
     pub dir: PathBuf,
     pub url: String,
+    /// The network namespace the agent (and so its CLI) runs in.
+    netns: Option<String>,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -60,6 +62,11 @@ impl Agent {
 
     /// Starts an agent on an existing data dir (for restarts).
     pub fn start_in(dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_netns(dir, extra, None)
+    }
+
+    /// Starts an agent inside network namespace `netns` (a netlab host).
+    pub fn start_netns(dir: &Path, extra: &[&str], netns: Option<&str>) -> Agent {
         let addr_file = dir.join("api.addr");
         let _ = std::fs::remove_file(&addr_file);
         std::fs::create_dir_all(dir).expect("data dir");
@@ -68,7 +75,7 @@ impl Agent {
             .append(true)
             .open(dir.join("agent-test.log"))
             .expect("agent log");
-        let child = Command::new(BIN)
+        let child = command_in(netns)
             .args(["agent", "--data-dir"])
             .arg(dir)
             .args(["--api", "127.0.0.1:0"])
@@ -84,6 +91,7 @@ impl Agent {
             dir: dir.to_owned(),
             url: String::new(),
             child: Some(child),
+            netns: netns.map(str::to_owned),
             _tmp: None,
         };
         let addr = wait_for("the agent to listen", Duration::from_secs(30), || {
@@ -127,7 +135,7 @@ impl Agent {
 
     /// Runs `dwcp ARGS` against this agent.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        command_in(self.netns.as_deref())
             .args(args)
             .env("DWCP_API", &self.url)
             .stdin(Stdio::null())
@@ -207,6 +215,18 @@ impl Drop for Agent {
             let _ = c.wait();
         }
         kill_qemus_under(&self.dir);
+    }
+}
+
+/// `dwcp`, run in network namespace `netns` when given.
+fn command_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
     }
 }
 

@@ -1,0 +1,159 @@
+//! Nodes that know each other: two agents on a netlab link, each with a
+//! node certificate and the other as a peer, measure the link over AMST;
+//! a peer whose certificate names another node is refused.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use dwcp_netlab::{Lab, LabConfig};
+use serde_json::Value;
+
+fn dwcp(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dwcp"))
+        .args(args)
+        .output()
+        .expect("run dwcp");
+    assert!(
+        out.status.success(),
+        "dwcp {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn peer<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == name))
+        .unwrap_or_else(|| panic!("no peer {name} in {list}"))
+}
+
+#[test]
+fn peers_measure_their_link_and_refuse_a_wrong_name() {
+    let name = format!("p{}", std::process::id() % 100_000);
+    let mut cfg = LabConfig::new(&name, &["a", "b"]);
+    cfg.all = [("rate", "50mbit"), ("delay", "40ms")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lab = Lab::up(cfg).expect("lab up");
+    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = |p: &str| tmp.path().join(p).display().to_string();
+    dwcp(&["cluster", "init", "--dir", &path("ca")]);
+    for n in ["alpha", "beta"] {
+        dwcp(&[
+            "cluster",
+            "issue",
+            "--dir",
+            &path("ca"),
+            "--node",
+            n,
+            "--out",
+            &path(n),
+        ]);
+    }
+    std::fs::write(
+        tmp.path().join("probe.toml"),
+        "probe_interval = 1.0\nprobe_bytes = 2000000\n",
+    )
+    .expect("config");
+    let start = |node: &str, host: &str, listen: String, peers: &[String]| {
+        let mut args = vec![
+            "--accel".to_string(),
+            "tcg".into(),
+            "--config".into(),
+            path("probe.toml"),
+            "--identity".into(),
+            path(node),
+            "--amst-listen".into(),
+            listen,
+        ];
+        for p in peers {
+            args.push("--peer".into());
+            args.push(p.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start_netns(
+            &tmp.path().join(format!("data-{node}")),
+            &args,
+            Some(&lab.config().netns(host)),
+        )
+    };
+    // "gamma" is beta's address under another name: its certificate says
+    // beta, so alpha must refuse it.
+    let alpha = start(
+        "alpha",
+        "a",
+        format!("{a_ip}:7481"),
+        &[format!("beta={b_ip}:7481"), format!("gamma={b_ip}:7481")],
+    );
+    let beta = start(
+        "beta",
+        "b",
+        format!("{b_ip}:7481"),
+        &[format!("alpha={a_ip}:7481")],
+    );
+
+    for (agent, other) in [(&alpha, "beta"), (&beta, "alpha")] {
+        let list = wait_for(&format!("{other} up"), Duration::from_secs(60), || {
+            let v: Value = serde_json::from_str(&agent.ok(&["node", "list", "--json"])).ok()?;
+            (peer(&v, other)["state"] == "up").then_some(v)
+        });
+        let p = peer(&list, other);
+        let rtt = p["rtt_ms"].as_f64().expect("rtt");
+        assert!(
+            (78.0..110.0).contains(&rtt),
+            "RTT {rtt} ms on an 80 ms link: {p}"
+        );
+        let goodput = p["goodput_bps"].as_f64().expect("goodput");
+        assert!(
+            goodput > 1e6 && goodput < 55e6,
+            "goodput {goodput} on a 50 Mbit/s link: {p}"
+        );
+    }
+    let list = wait_for("gamma refused", Duration::from_secs(60), || {
+        let v: Value = serde_json::from_str(&alpha.ok(&["node", "list", "--json"])).ok()?;
+        (peer(&v, "gamma")["state"] == "down").then_some(v)
+    });
+    let err = peer(&list, "gamma")["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("gamma") || err.contains("beta"), "{err}");
+    let table = alpha.ok(&["node", "list"]);
+    eprintln!("{table}");
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("beta ") && l.contains(" up ") && l.contains("ms")),
+        "{table}"
+    );
+    let info = alpha.ok(&["node", "info"]);
+    assert!(info.contains("alpha"), "{info}");
+}
+
+#[test]
+fn peers_without_a_certificate_are_refused_at_start() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_dwcp"))
+        .args(["agent", "--data-dir"])
+        .arg(tmp.path())
+        .args(["--api", "127.0.0.1:0", "--peer", "beta=127.0.0.1:7481"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("peers need this node's certificate"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_dwcp"))
+        .args(["agent", "--data-dir"])
+        .arg(tmp.path())
+        .args(["--peer", "beta"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected NAME=ADDR:PORT"));
+}
