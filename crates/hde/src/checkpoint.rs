@@ -418,6 +418,7 @@ impl CheckpointWriter<'_> {
                     .unwrap_or(0),
                 parent,
                 chain_depth,
+                origin: None,
                 ram_section_id,
                 blocks: self.blocks.clone(),
                 prologue,

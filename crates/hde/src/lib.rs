@@ -30,6 +30,7 @@ mod checkpoint;
 pub mod codec;
 mod manifest;
 mod objects;
+pub mod replica;
 mod restore;
 mod store;
 
@@ -37,6 +38,7 @@ use std::fmt;
 
 pub use checkpoint::CheckpointWriter;
 pub use manifest::{CheckpointStats, Manifest, PageMap};
+pub use replica::ReplicaOffer;
 pub use restore::RestoreStream;
 pub use store::{Health, PageStore, StoreUsage, VerifyReport};
 

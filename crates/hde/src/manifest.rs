@@ -16,6 +16,9 @@ pub struct Manifest {
     pub parent: Option<String>,
     /// Ancestors in the page map chain.
     pub chain_depth: u32,
+    /// The node a replica came from (`None`: taken here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     pub ram_section_id: u32,
     pub blocks: Vec<BlockInfo>,
     /// Stream bytes before the pages (header, configuration, RAM blocks).

@@ -318,3 +318,81 @@ fn objects_of_an_interrupted_checkpoint_are_collected() {
     assert_eq!(m.id, "web@3");
     drop(dir);
 }
+
+fn replicate(
+    from: &PageStore,
+    to: &PageStore,
+    id: &str,
+    tamper: bool,
+    drop_one: bool,
+) -> Result<(Manifest, usize), HdeError> {
+    use crate::replica::*;
+    let offer = decode_offer(&encode_offer(&from.replica_offer(id)?)?)?;
+    let want = decode_digests(&encode_digests(&to.missing(&offer.digests)?))?;
+    let mut objects = from.read_objects(&want)?;
+    if tamper {
+        let (_, o) = objects
+            .iter_mut()
+            .find(|(_, o)| o.len() > 100)
+            .expect("an object");
+        let n = o.len();
+        o[n - 10] ^= 1;
+    }
+    if drop_one {
+        objects.retain(|(_, o)| o[0] != crate::codec::KIND_BLOB);
+        objects.pop();
+    }
+    let n = want.len();
+    let (m, map, objs) = decode_objects(&encode_objects(&offer.manifest, &offer.map, &objects)?)?;
+    Ok((to.import_replica("alpha", m, &map, objs)?, n))
+}
+
+#[test]
+fn replicas_carry_only_what_the_other_store_lacks() {
+    let (_d1, a) = open();
+    let (_d2, b) = open();
+    let one = memory((0..200).map(|i| (i, i)));
+    checkpoint(&a, "web", &stream(&one, &one, &[])).unwrap();
+    let (m, sent) = replicate(&a, &b, "web@1", false, false).unwrap();
+    assert_eq!(m.id, "alpha:web@1");
+    assert_eq!(m.origin.as_deref(), Some("alpha"));
+    assert_eq!(sent, 201 + 3);
+    assert_eq!(restored_memory(&b, "alpha:web@1").unwrap(), one);
+
+    // A small change: the second replica sends a handful of objects.
+    let mut two = one.clone();
+    for i in 0..5u64 {
+        two.get_mut(&(i * 11)).unwrap()[200..208].copy_from_slice(b"CHANGED!");
+    }
+    let c = checkpoint(&a, "web", &stream(&two, &two, &[])).unwrap();
+    assert_eq!(c.stats.delta_pages, 5);
+    let (_, sent) = replicate(&a, &b, "web@2", false, false).unwrap();
+    assert!(sent <= 5 + 3, "sent {sent} objects for 5 changed pages");
+    assert_eq!(restored_memory(&b, "alpha:web@2").unwrap(), two);
+    assert!(b.verify(None).unwrap().ok());
+    // Offering the same again is refused: it is there already.
+    assert!(matches!(
+        replicate(&a, &b, "web@2", false, false),
+        Err(HdeError::CheckpointExists(_))
+    ));
+
+    // A lying or incomplete sender stores nothing.
+    let (_d3, c3) = open();
+    let err = replicate(&a, &c3, "web@2", true, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not match") || err.contains("zstd"),
+        "{err}"
+    );
+    let err = replicate(&a, &c3, "web@2", false, true).unwrap_err();
+    assert!(
+        matches!(err, HdeError::MissingPage { .. }) || err.to_string().contains("missing"),
+        "{err}"
+    );
+    assert_eq!(c3.usage().unwrap().objects, 0);
+    assert!(c3.list().unwrap().is_empty());
+    // Garbage messages are errors.
+    assert!(crate::replica::decode_offer(b"\0\0\0\x05{").is_err());
+    assert!(crate::replica::decode_objects(&[0, 0, 0, 2, b'{', b'}', 0, 0, 0, 0, 1]).is_err());
+}
