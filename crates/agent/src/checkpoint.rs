@@ -300,6 +300,83 @@ impl Manager {
         }
     }
 
+    /// Sends checkpoint `id` to peer `to`: only the objects it lacks.
+    pub async fn replicate(&self, id: &str, to: &str) -> Result<CheckpointInfo, AgentError> {
+        let started = Instant::now();
+        let peers = self
+            .peers
+            .clone()
+            .ok_or(crate::peers::PeerError::NoIdentity)?;
+        let pages = self.pages.clone();
+        let ckpt = id.to_string();
+        let offer = blocking(move || pages.replica_offer(&ckpt)).await?;
+        let manifest = offer.manifest.clone();
+        let map = offer.map.clone();
+        let objects = offer.digests.len() as u64;
+        let body = dwcp_hde::replica::encode_offer(&offer)?;
+        let mut bytes_sent = body.len() as u64;
+        let answer = peers
+            .request(to, "replica-offer", body, Duration::from_secs(120))
+            .await?;
+        let want = dwcp_hde::replica::decode_digests(&answer)?;
+        let pages = self.pages.clone();
+        let wanted = want.clone();
+        let sending = blocking(move || pages.read_objects(&wanted)).await?;
+        let body = dwcp_hde::replica::encode_objects(&manifest, &map, &sending)?;
+        bytes_sent += body.len() as u64;
+        let answer = peers
+            .request(to, "replica-objects", body, Duration::from_secs(3600))
+            .await?;
+        let there: Manifest =
+            serde_json::from_slice(&answer).map_err(|e| crate::peers::PeerError::Refused {
+                peer: to.into(),
+                message: format!("an unreadable answer: {e}"),
+            })?;
+        let mut info = checkpoint_info(&manifest);
+        info.replicated = Some(dwcp_api::ReplicaInfo {
+            peer: to.into(),
+            id: there.id,
+            objects,
+            objects_sent: want.len() as u64,
+            bytes_sent,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        tracing::info!(checkpoint = %id, peer = %to, objects, sent = want.len(), bytes_sent, "checkpoint replicated");
+        Ok(info)
+    }
+
+    /// Answers a request from another node.
+    pub(crate) async fn handle_request(
+        &self,
+        peer: &str,
+        kind: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        let pages = self.pages.clone();
+        let origin = peer.to_string();
+        let r = match kind {
+            "replica-offer" => {
+                blocking(move || {
+                    let offer = dwcp_hde::replica::decode_offer(&body)?;
+                    let missing = pages.missing(&offer.digests)?;
+                    Ok(dwcp_hde::replica::encode_digests(&missing))
+                })
+                .await
+            }
+            "replica-objects" => {
+                blocking(move || {
+                    let (m, map, objects) = dwcp_hde::replica::decode_objects(&body)?;
+                    let stored = pages.import_replica(&origin, m, &map, objects)?;
+                    tracing::info!(checkpoint = %stored.id, from = %origin, "replica stored");
+                    serde_json::to_vec(&stored).map_err(|e| HdeError::Stream(e.to_string()))
+                })
+                .await
+            }
+            other => return Err(format!("unknown request {other:?}")),
+        };
+        r.map_err(|e| crate::format_chain(&e))
+    }
+
     pub async fn checkpoints(&self) -> Result<Vec<CheckpointInfo>, AgentError> {
         let pages = self.pages.clone();
         let list = blocking(move || pages.list()).await?;
@@ -383,6 +460,8 @@ pub(crate) fn checkpoint_info(m: &Manifest) -> CheckpointInfo {
         pause_ms: m.stats.pause_ms,
         qemu_downtime_ms: m.stats.qemu_downtime_ms,
         memory_digest: m.stats.memory_digest.map(|d| d.to_hex()),
+        origin: m.origin.clone(),
+        replicated: None,
         took_ms: None,
     }
 }

@@ -16,7 +16,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dwcp_api::{
     CheckpointHealth, CheckpointInfo, DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo,
-    PeerInfo, RestoreRequest, StopRequest, VerifyResult, VmInfo, VmSpec, VmState,
+    PeerInfo, ReplicaInfo, ReplicateRequest, RestoreRequest, StopRequest, VerifyResult, VmInfo,
+    VmSpec, VmState,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -251,13 +252,44 @@ pub struct VerifyQuery {
 }
 
 /// Takes a live checkpoint; the VM keeps running (its pause is reported).
-#[utoipa::path(post, path = "/v1/vms/{name}/checkpoint", params(("name" = String, Path)),
+#[utoipa::path(post, path = "/v1/vms/{name}/checkpoint", params(("name" = String, Path), CheckpointQuery),
     responses((status = 200, body = CheckpointInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
 async fn checkpoint(
     State(m): Mgr,
     Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<CheckpointQuery>,
 ) -> Result<Json<CheckpointInfo>, ApiError> {
-    Ok(Json(m.checkpoint(&name).await?))
+    let mut info = m.checkpoint(&name).await?;
+    if let Some(peer) = q.replicate_to {
+        let r = m
+            .replicate(&info.id, &peer)
+            .await
+            .map_err(|e| AgentError::ReplicationFailed {
+                id: info.id.clone(),
+                peer: peer.clone(),
+                source: Box::new(e),
+            })?;
+        info.replicated = r.replicated;
+    }
+    Ok(Json(info))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct CheckpointQuery {
+    /// Also send the checkpoint to this peer (only what it lacks).
+    #[serde(default)]
+    replicate_to: Option<String>,
+}
+
+/// Sends a checkpoint to a peer: only the pages and parts it lacks.
+#[utoipa::path(post, path = "/v1/checkpoints/{id}/replicate", params(("id" = String, Path)), request_body = ReplicateRequest,
+    responses((status = 200, body = CheckpointInfo), (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)))]
+async fn replicate(
+    State(m): Mgr,
+    Path(id): Path<String>,
+    Required(req): Required<ReplicateRequest>,
+) -> Result<Json<CheckpointInfo>, ApiError> {
+    Ok(Json(m.replicate(&id, &req.to).await?))
 }
 
 #[utoipa::path(get, path = "/v1/checkpoints", responses((status = 200, body = Vec<CheckpointInfo>), (status = 500, body = ErrorBody)))]
@@ -423,6 +455,7 @@ async fn wrong_method() -> Response {
         show_checkpoint,
         delete_checkpoint,
         restore,
+        replicate,
         verify_checkpoints
     ),
     components(schemas(
@@ -438,7 +471,9 @@ async fn wrong_method() -> Response {
         RestoreRequest,
         VerifyResult,
         CheckpointHealth,
-        DeleteCheckpointResult
+        DeleteCheckpointResult,
+        ReplicaInfo,
+        ReplicateRequest
     ))
 )]
 pub struct ApiDoc;
@@ -469,6 +504,7 @@ pub fn router(m: Arc<Manager>) -> Router {
             get(show_checkpoint).delete(delete_checkpoint),
         )
         .route("/v1/checkpoints/{id}/restore", post(restore))
+        .route("/v1/checkpoints/{id}/replicate", post(replicate))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -62,6 +62,15 @@ pub enum AgentError {
     Checkpoint(#[from] dwcp_hde::HdeError),
     #[error("checkpoint of VM {name:?} failed: {detail}")]
     CheckpointFailed { name: String, detail: String },
+    #[error(transparent)]
+    Peer(#[from] crate::peers::PeerError),
+    #[error("checkpoint {id} is kept here, but replicating it to {peer} failed")]
+    ReplicationFailed {
+        id: String,
+        peer: String,
+        #[source]
+        source: Box<AgentError>,
+    },
     #[error("restore of {checkpoint} as VM {name:?} failed: {detail}")]
     RestoreFailed {
         checkpoint: String,
@@ -95,9 +104,11 @@ impl AgentError {
                 | dwcp_hde::HdeError::CorruptManifest { .. } => ErrorCode::CheckpointCorrupt,
                 _ => ErrorCode::CheckpointFailed,
             },
-            AgentError::CheckpointFailed { .. } | AgentError::RestoreFailed { .. } => {
-                ErrorCode::CheckpointFailed
-            }
+            AgentError::CheckpointFailed { .. }
+            | AgentError::RestoreFailed { .. }
+            | AgentError::ReplicationFailed { .. } => ErrorCode::CheckpointFailed,
+            AgentError::Peer(crate::peers::PeerError::Unknown(_)) => ErrorCode::InvalidSpec,
+            AgentError::Peer(_) => ErrorCode::PeerFailed,
         }
     }
 }
@@ -272,7 +283,7 @@ impl Manager {
             let vm = Vm::new(&cfg.data_dir, rec);
             vms.insert(vm.name.clone(), vm);
         }
-        Ok(Arc::new(Manager {
+        let manager = Arc::new(Manager {
             cfg,
             node_name,
             store,
@@ -281,7 +292,11 @@ impl Manager {
             qemu,
             accel,
             vms: Mutex::new(vms),
-        }))
+        });
+        if let Some(p) = &manager.peers {
+            p.attach(Arc::downgrade(&manager));
+        }
+        Ok(manager)
     }
 
     /// Finds the QEMU processes of stored VMs again, and starts those that

@@ -8,6 +8,12 @@
 //! connections. A failed probe marks the peer `down` with the reason; the
 //! next probe connects afresh. Incoming probe transfers are read and
 //! dropped.
+//!
+//! Requests between agents ([`Peers::request`]) are AMST transfers too: a
+//! request `rpc/req/KIND/ID` goes out on this node's session to the peer;
+//! the peer answers with a transfer `rpc/resp/ID` on its session to this
+//! node, so peers must know each other both ways. An answer starts with
+//! one byte: 0 and the body, or 1 and an error message.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dwcp_api::PeerInfo;
-use dwcp_transport::{Class, Listener, NodeIdentity, Session, TransportConfig};
+use dwcp_transport::{Chunk, Class, Incoming, Listener, NodeIdentity, Session, TransportConfig};
 use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
 
 use crate::config::AgentConfig;
 use crate::manager::lock;
@@ -24,10 +31,42 @@ use crate::manager::lock;
 /// Name of the transfers that measure a link.
 const PROBE: &str = "probe";
 
+/// Where the answer to a request goes: its body, or the peer's refusal.
+type AnswerTx = oneshot::Sender<Result<Vec<u8>, String>>;
+
+/// Largest request or answer body accepted.
+const MAX_RPC_BYTES: usize = 4 << 30;
+
 pub struct Peers {
     identity: Arc<NodeIdentity>,
     listen: SocketAddr,
+    addrs: BTreeMap<String, SocketAddr>,
     state: Mutex<BTreeMap<String, PeerInfo>>,
+    /// Requests of this node waiting for their answers, by answer name.
+    waiters: Mutex<std::collections::HashMap<String, AnswerTx>>,
+    /// Sessions for requests and answers, by peer name.
+    sessions: tokio::sync::Mutex<BTreeMap<String, Session>>,
+    /// Who answers requests from other nodes.
+    handler: std::sync::OnceLock<std::sync::Weak<crate::Manager>>,
+}
+
+/// Why a request to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no peer named {0:?} (see `dwcp node list`)")]
+    Unknown(String),
+    #[error("cannot reach peer {peer}")]
+    Transport {
+        peer: String,
+        #[source]
+        source: dwcp_transport::TransportError,
+    },
+    #[error("peer {peer} did not answer within {secs} s")]
+    Timeout { peer: String, secs: u64 },
+    #[error("peer {peer} refused: {message}")]
+    Refused { peer: String, message: String },
+    #[error("this node has no identity: start the agent with --identity to talk to other nodes")]
+    NoIdentity,
 }
 
 impl Peers {
@@ -57,6 +96,10 @@ impl Peers {
         let peers = Arc::new(Peers {
             identity,
             listen,
+            addrs: cfg.peers.clone(),
+            waiters: Mutex::default(),
+            sessions: tokio::sync::Mutex::default(),
+            handler: std::sync::OnceLock::new(),
             state: Mutex::new(
                 cfg.peers
                     .iter()
@@ -76,7 +119,7 @@ impl Peers {
                     .collect(),
             ),
         });
-        tokio::spawn(serve(listener));
+        tokio::spawn(peers.clone().serve(listener));
         for (name, addr) in &cfg.peers {
             tokio::spawn(peers.clone().probe_loop(
                 name.clone(),
@@ -86,6 +129,152 @@ impl Peers {
             ));
         }
         Ok(Some(peers))
+    }
+
+    /// Lets the manager answer requests from other nodes.
+    pub fn attach(&self, manager: std::sync::Weak<crate::Manager>) {
+        let _ = self.handler.set(manager);
+    }
+
+    /// A session to `peer`, reused while it lives.
+    async fn session(&self, peer: &str) -> Result<Session, PeerError> {
+        let addr = *self
+            .addrs
+            .get(peer)
+            .ok_or_else(|| PeerError::Unknown(peer.to_string()))?;
+        let mut sessions = self.sessions.lock().await;
+        if let Some(s) = sessions.get(peer) {
+            if s.streams() > 0 {
+                return Ok(s.clone());
+            }
+        }
+        let s = Session::connect(addr, &self.identity, Some(peer), TransportConfig::default())
+            .await
+            .map_err(|source| PeerError::Transport {
+                peer: peer.to_string(),
+                source,
+            })?;
+        sessions.insert(peer.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Sends request `kind` to `peer` and waits for its answer.
+    pub async fn request(
+        &self,
+        peer: &str,
+        kind: &str,
+        body: Vec<u8>,
+        within: Duration,
+    ) -> Result<Vec<u8>, PeerError> {
+        let id = format!("{:016x}", rand_u64());
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(format!("rpc/resp/{id}"), tx);
+        let result = async {
+            let s = self.session(peer).await?;
+            let len = body.len() as u64;
+            s.send(
+                &format!("rpc/req/{kind}/{id}"),
+                Class::Replication,
+                len,
+                &body[..],
+                |_| {},
+            )
+            .await
+            .map_err(|source| PeerError::Transport {
+                peer: peer.to_string(),
+                source,
+            })?;
+            match tokio::time::timeout(within, rx).await {
+                Ok(Ok(Ok(answer))) => Ok(answer),
+                Ok(Ok(Err(message))) => Err(PeerError::Refused {
+                    peer: peer.to_string(),
+                    message,
+                }),
+                _ => Err(PeerError::Timeout {
+                    peer: peer.to_string(),
+                    secs: within.as_secs(),
+                }),
+            }
+        }
+        .await;
+        lock(&self.waiters).remove(&format!("rpc/resp/{id}"));
+        result
+    }
+
+    /// Reads incoming transfers: probes are dropped, answers go to their
+    /// waiting request, requests to the manager.
+    async fn serve(self: Arc<Self>, listener: Listener) {
+        while let Some(inc) = listener.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move { me.incoming(inc).await });
+        }
+    }
+
+    async fn incoming(self: Arc<Self>, mut inc: Incoming) {
+        if inc.name == PROBE {
+            while inc.chunks.recv().await.is_some() {}
+            return;
+        }
+        let name = inc.name.clone();
+        let peer = inc.peer.clone();
+        let body = match collect(&mut inc).await {
+            Ok(b) => b,
+            Err(why) => {
+                tracing::warn!(%peer, transfer = %name, "incomplete transfer: {why}");
+                return;
+            }
+        };
+        if let Some(rest) = name.strip_prefix("rpc/req/") {
+            let Some((kind, id)) = rest.rsplit_once('/') else {
+                return;
+            };
+            let answer = match self.handler.get().and_then(|w| w.upgrade()) {
+                Some(m) => m.handle_request(&peer, kind, body).await,
+                None => Err("the agent is starting".into()),
+            };
+            let mut msg = Vec::new();
+            match answer {
+                Ok(b) => {
+                    msg.push(0);
+                    msg.extend_from_slice(&b);
+                }
+                Err(e) => {
+                    msg.push(1);
+                    msg.extend_from_slice(e.as_bytes());
+                }
+            }
+            let sent = async {
+                let s = self.session(&peer).await?;
+                let len = msg.len() as u64;
+                s.send(
+                    &format!("rpc/resp/{id}"),
+                    Class::Replication,
+                    len,
+                    &msg[..],
+                    |_| {},
+                )
+                .await
+                .map_err(|source| PeerError::Transport {
+                    peer: peer.clone(),
+                    source,
+                })
+            };
+            if let Err(e) = sent.await {
+                tracing::warn!(%peer, kind, "cannot answer: {}", crate::format_chain(&e));
+            }
+        } else if name.starts_with("rpc/resp/") {
+            let Some(tx) = lock(&self.waiters).remove(&name) else {
+                return;
+            };
+            let answer = match body.split_first() {
+                Some((0, b)) => Ok(b.to_vec()),
+                Some((_, e)) => Err(String::from_utf8_lossy(e).into_owned()),
+                None => Err("an empty answer".into()),
+            };
+            let _ = tx.send(answer);
+        } else {
+            tracing::warn!(%peer, transfer = %name, "dropping an unexpected transfer");
+        }
     }
 
     pub fn node_name(&self) -> String {
@@ -172,15 +361,32 @@ fn probe_config() -> TransportConfig {
     }
 }
 
-/// Reads incoming transfers. Probes are dropped; nothing else is expected
-/// yet, and anything else is dropped with a note.
-async fn serve(listener: Listener) {
-    while let Some(mut inc) = listener.accept().await {
-        if inc.name != PROBE {
-            tracing::warn!(peer = %inc.peer, transfer = %inc.name, "dropping an unexpected transfer");
+/// A whole incoming transfer, bounded.
+async fn collect(inc: &mut Incoming) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(c) = inc.chunks.recv().await {
+        match c {
+            Chunk::Data(d) => {
+                if body.len() + d.len() > MAX_RPC_BYTES {
+                    return Err("larger than 4 GiB".into());
+                }
+                body.extend_from_slice(&d);
+            }
+            Chunk::Done { .. } => return Ok(body),
         }
-        tokio::spawn(async move { while inc.chunks.recv().await.is_some() {} });
     }
+    Err("abandoned by the sender".into())
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        return now_ms() ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_le_bytes(b)
 }
 
 fn now_ms() -> u64 {

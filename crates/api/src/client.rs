@@ -156,9 +156,24 @@ impl Client {
             .await
     }
 
-    pub async fn checkpoint(&self, name: &str) -> Result<CheckpointInfo, ClientError> {
-        let p = format!("/v1/vms/{name}/checkpoint");
+    /// Takes a checkpoint; with `replicate_to`, also sends it to that peer.
+    pub async fn checkpoint(
+        &self,
+        name: &str,
+        replicate_to: Option<&str>,
+    ) -> Result<CheckpointInfo, ClientError> {
+        let p = match replicate_to {
+            Some(peer) => format!("/v1/vms/{name}/checkpoint?replicate_to={peer}"),
+            None => format!("/v1/vms/{name}/checkpoint"),
+        };
         self.json(self.http.post(self.url(&p)), &p).await
+    }
+
+    pub async fn replicate(&self, id: &str, to: &str) -> Result<CheckpointInfo, ClientError> {
+        let p = format!("/v1/checkpoints/{id}/replicate");
+        let body = crate::types::ReplicateRequest { to: to.into() };
+        self.json(self.http.post(self.url(&p)).json(&body), &p)
+            .await
     }
 
     pub async fn checkpoints(&self) -> Result<Vec<CheckpointInfo>, ClientError> {

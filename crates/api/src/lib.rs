@@ -13,8 +13,9 @@ pub mod types;
 pub use client::{Client, ClientError};
 pub use types::{
     format_bytes, parse_bytes, validate_name, CheckpointHealth, CheckpointInfo,
-    DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo, PeerInfo, RestoreRequest, SpecError,
-    StopRequest, VerifyResult, VmInfo, VmSpec, VmState, MAX_VCPUS, MIN_MEMORY_BYTES,
+    DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo, PeerInfo, ReplicaInfo,
+    ReplicateRequest, RestoreRequest, SpecError, StopRequest, VerifyResult, VmInfo, VmSpec,
+    VmState, MAX_VCPUS, MIN_MEMORY_BYTES,
 };
 
 /// The port an agent's API listens on unless told otherwise.

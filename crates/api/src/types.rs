@@ -241,6 +241,12 @@ pub struct CheckpointInfo {
     /// exactly the same guest memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_digest: Option<String>,
+    /// The node a replica came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// How it was sent to another node (only in the answer to replicating).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicated: Option<ReplicaInfo>,
     /// Wall time of the whole checkpoint (only in the answer to taking it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub took_ms: Option<u64>,
@@ -270,6 +276,28 @@ pub struct PeerInfo {
     /// Why the last probe failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// How a checkpoint went to another node.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaInfo {
+    pub peer: String,
+    /// Its id there (`ORIGIN:ID`).
+    pub id: String,
+    /// Objects the checkpoint needs, and how many the peer lacked.
+    pub objects: u64,
+    pub objects_sent: u64,
+    /// Bytes of the two messages on the wire.
+    pub bytes_sent: u64,
+    pub seconds: f64,
+}
+
+/// Body of `POST /v1/checkpoints/{id}/replicate`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicateRequest {
+    /// The peer's node name.
+    pub to: String,
 }
 
 /// Body of `POST /v1/checkpoints/{id}/restore`.
@@ -385,6 +413,8 @@ pub enum ErrorCode {
     /// Taking or restoring a checkpoint failed; the VM and the store are
     /// as they were.
     CheckpointFailed,
+    /// Another node could not be reached or refused.
+    PeerFailed,
 }
 
 impl ErrorCode {
@@ -404,6 +434,7 @@ impl ErrorCode {
             ErrorCode::CheckpointNotFound => "checkpoint_not_found",
             ErrorCode::CheckpointCorrupt => "checkpoint_corrupt",
             ErrorCode::CheckpointFailed => "checkpoint_failed",
+            ErrorCode::PeerFailed => "peer_failed",
         }
     }
 
@@ -415,6 +446,7 @@ impl ErrorCode {
             ErrorCode::VmExists | ErrorCode::InvalidState => 409,
             ErrorCode::CheckpointCorrupt => 422,
             ErrorCode::CheckpointFailed => 500,
+            ErrorCode::PeerFailed => 502,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::QemuFailed | ErrorCode::QmpFailed => 502,
             ErrorCode::StoreFailed | ErrorCode::Internal => 500,

@@ -105,6 +105,10 @@ enum VmAction {
     /// already holds are not stored again.
     Checkpoint {
         name: String,
+        /// Also send it to this peer: only the pages it lacks (see
+        /// `dwcp node list`).
+        #[arg(long, value_name = "NODE")]
+        replicate_to: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -151,6 +155,14 @@ enum CheckpointAction {
     /// Show one checkpoint.
     Show {
         id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a checkpoint to a peer: only the pages and parts it lacks.
+    Replicate {
+        id: String,
+        #[arg(long, value_name = "NODE")]
+        to: String,
         #[arg(long)]
         json: bool,
     },
@@ -413,11 +425,15 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             c.delete(&name, force).await?;
             println!("deleted VM {name}");
         }
-        VmAction::Checkpoint { name, json } => {
+        VmAction::Checkpoint {
+            name,
+            replicate_to,
+            json,
+        } => {
             if !json {
                 eprintln!("checkpointing VM {name} (it keeps running) ...");
             }
-            let ck = c.checkpoint(&name).await?;
+            let ck = c.checkpoint(&name, replicate_to.as_deref()).await?;
             if json {
                 print_json(&ck)?;
             } else {
@@ -431,6 +447,9 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                     ck.took_ms
                         .map_or("-".into(), |t| format!("{:.1} s", t as f64 / 1000.0)),
                 );
+                if let Some(r) = &ck.replicated {
+                    print_replica(r);
+                }
             }
         }
         VmAction::Restore {
@@ -488,6 +507,14 @@ pub async fn checkpoint(cmd: CheckpointCommand) -> anyhow::Result<()> {
                 print_checkpoint(&ck);
             }
         }
+        CheckpointAction::Replicate { id, to, json } => {
+            let ck = c.replicate(&id, &to).await?;
+            if json {
+                print_json(&ck)?;
+            } else if let Some(r) = &ck.replicated {
+                print_replica(r);
+            }
+        }
         CheckpointAction::Delete { id } => {
             let r = c.delete_checkpoint(&id).await?;
             println!(
@@ -509,6 +536,18 @@ pub async fn checkpoint(cmd: CheckpointCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_replica(r: &dwcp_api::ReplicaInfo) {
+    println!(
+        "replicated to {} as {}: {} of {} objects sent, {} on the wire, {:.1} s",
+        r.peer,
+        r.id,
+        r.objects_sent,
+        r.objects,
+        format_bytes(r.bytes_sent),
+        r.seconds
+    );
 }
 
 fn print_checkpoints(list: &[CheckpointInfo]) {

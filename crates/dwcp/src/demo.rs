@@ -267,7 +267,7 @@ async fn story(
     steps.done("resume");
 
     steps.begin("live checkpoint (the guest keeps running)");
-    let a = client.checkpoint("demo").await?;
+    let a = client.checkpoint("demo", None).await?;
     println!(
         "    {}: {} pages, {} new, {} stored of a {} stream, guest paused {} ms",
         a.id,
@@ -281,7 +281,7 @@ async fn story(
     steps.done("checkpoint 1");
 
     steps.begin("second checkpoint: only what the guest changed since");
-    let b = client.checkpoint("demo").await?;
+    let b = client.checkpoint("demo", None).await?;
     let at = console.last_tick().unwrap_or(0);
     println!(
         "    {}: {} pages changed, {} stored ({} as deltas), guest paused {} ms",

@@ -137,6 +137,128 @@ fn peers_measure_their_link_and_refuse_a_wrong_name() {
 }
 
 #[test]
+fn replicated_checkpoints_send_only_what_changed_and_restore_there() {
+    let name = format!("r{}", std::process::id() % 100_000);
+    let mut cfg = LabConfig::new(&name, &["a", "b"]);
+    cfg.all = [("rate", "100mbit"), ("delay", "25ms"), ("loss", "0.5%")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lab = Lab::up(cfg).expect("lab up");
+    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = |p: &str| tmp.path().join(p).display().to_string();
+    dwcp(&["cluster", "init", "--dir", &path("ca")]);
+    for n in ["alpha", "beta"] {
+        dwcp(&[
+            "cluster",
+            "issue",
+            "--dir",
+            &path("ca"),
+            "--node",
+            n,
+            "--out",
+            &path(n),
+        ]);
+    }
+    let start = |node: &str, host: &str, me: String, other: String| {
+        let args = [
+            "--accel",
+            "tcg",
+            "--identity",
+            &path(node),
+            "--amst-listen",
+            &me,
+            "--peer",
+            &other,
+        ];
+        Agent::start_netns(
+            &tmp.path().join(format!("data-{node}")),
+            &args,
+            Some(&lab.config().netns(host)),
+        )
+    };
+    let alpha = start(
+        "alpha",
+        "a",
+        format!("{a_ip}:7481"),
+        format!("beta={b_ip}:7481"),
+    );
+    let beta = start(
+        "beta",
+        "b",
+        format!("{b_ip}:7481"),
+        format!("alpha={a_ip}:7481"),
+    );
+
+    alpha.create_guest("web", "dwcp.mem_mb=24 dwcp.fill=text dwcp.dirty_pages=200");
+    alpha.wait_tick("web", 2, Duration::from_secs(90));
+    let first: Value = serde_json::from_str(&alpha.ok(&[
+        "vm",
+        "checkpoint",
+        "web",
+        "--replicate-to",
+        "beta",
+        "--json",
+    ]))
+    .expect("json");
+    let r1 = &first["replicated"];
+    assert_eq!(r1["id"], "alpha:web@1", "{first}");
+    assert_eq!(r1["objects_sent"], r1["objects"], "{first}");
+
+    std::thread::sleep(Duration::from_secs(3));
+    let before = last_tick(&alpha.console("web")).expect("ticks");
+    let second: Value = serde_json::from_str(&alpha.ok(&[
+        "vm",
+        "checkpoint",
+        "web",
+        "--replicate-to",
+        "beta",
+        "--json",
+    ]))
+    .expect("json");
+    let r2 = &second["replicated"];
+    let (sent, all) = (
+        r2["objects_sent"].as_u64().expect("sent"),
+        r2["objects"].as_u64().expect("objects"),
+    );
+    assert!(sent * 10 < all, "sent {sent} of {all} objects: {second}");
+    let (b1, b2) = (
+        r1["bytes_sent"].as_u64().expect("bytes"),
+        r2["bytes_sent"].as_u64().expect("bytes"),
+    );
+    assert!(b2 * 5 < b1, "second replica {b2} bytes, first {b1}");
+    eprintln!("first replica: {r1}\nsecond replica: {r2}");
+
+    // On beta: listed, whole, and it runs from where it was.
+    let list = beta.ok(&["checkpoint", "list"]);
+    assert!(
+        list.contains("alpha:web@1") && list.contains("alpha:web@2"),
+        "{list}"
+    );
+    let v = beta.ok(&["checkpoint", "verify"]);
+    assert!(!v.contains("BROKEN"), "{v}");
+    let out = beta.ok(&["vm", "restore", "alpha:web@2", "--name", "web"]);
+    assert!(out.contains("running"), "{out}");
+    let t = beta.wait_tick("web", 0, Duration::from_secs(60));
+    let first_there = beta
+        .console("web")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TICK "))
+        .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .next()
+        .expect("ticks");
+    assert!(
+        first_there >= before && first_there <= before + 3,
+        "{first_there} after {before}"
+    );
+    beta.wait_tick("web", t + 2, Duration::from_secs(60));
+
+    let err = alpha.fails(&["checkpoint", "replicate", "web@1", "--to", "nobody"]);
+    assert!(err.contains("no peer named \"nobody\""), "{err}");
+}
+
+#[test]
 fn peers_without_a_certificate_are_refused_at_start() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = Command::new(env!("CARGO_BIN_EXE_dwcp"))
