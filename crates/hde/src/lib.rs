@@ -31,6 +31,7 @@ pub mod codec;
 mod manifest;
 mod objects;
 pub mod replica;
+pub mod wire;
 mod restore;
 mod store;
 

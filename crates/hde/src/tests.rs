@@ -396,3 +396,42 @@ fn replicas_carry_only_what_the_other_store_lacks() {
     assert!(crate::replica::decode_offer(b"\0\0\0\x05{").is_err());
     assert!(crate::replica::decode_objects(&[0, 0, 0, 2, b'{', b'}', 0, 0, 0, 0, 1]).is_err());
 }
+
+#[test]
+fn the_wire_format_rebuilds_the_stream_and_sends_repeats_as_references() {
+    use crate::wire::{WireDecoder, WireEncoder};
+    let first = memory((0..200).map(|i| (i, i % 50)));
+    let mut last = first.clone();
+    last.insert(3, text_page(9999));
+    let s = stream(&first, &last, &[3, 7, 9]);
+    let mut enc = WireEncoder::new(1).unwrap();
+    let mut p = StreamParser::new();
+    let mut wire = Vec::new();
+    for chunk in s.chunks(5000) {
+        p.feed(chunk);
+        while let Some(item) = p.next_item().unwrap() {
+            let names: Vec<String> = p.blocks().iter().map(|b| b.name.clone()).collect();
+            enc.encode(item, &names, &mut wire).unwrap();
+        }
+    }
+    let st = enc.stats();
+    assert_eq!(st.stream_bytes, s.len() as u64);
+    // 200 pages of 50 contents, 2 of them sent again unchanged: refs.
+    assert!(st.ref_pages >= 150, "{st:?}");
+    assert!(st.wire_bytes * 4 < st.stream_bytes, "{st:?}");
+    let mut dec = WireDecoder::new();
+    let mut out = Vec::new();
+    for chunk in wire.chunks(777) {
+        dec.feed(chunk, &mut out).unwrap();
+    }
+    assert!(dec.is_idle());
+    assert_eq!(out, s);
+    // A lie (a page's bytes changed in flight) is caught.
+    let mut bad = wire.clone();
+    let n = bad.len();
+    bad[n / 2] ^= 0x40;
+    let mut dec = WireDecoder::new();
+    let mut out = Vec::new();
+    let r = bad.chunks(1000).try_for_each(|c| dec.feed(c, &mut out));
+    assert!(r.is_err() || out != s);
+}
