@@ -40,7 +40,7 @@ const IO_CHUNK: usize = 1 << 20;
 
 /// Migration settings for checkpoints: nothing that hides pages from the
 /// parser, no return path (the agent is no QEMU), convergence help on.
-fn capabilities() -> Value {
+pub(crate) fn capabilities() -> Value {
     let caps = [
         ("xbzrle", false),
         ("multifd", false),
@@ -347,11 +347,14 @@ impl Manager {
 
     /// Answers a request from another node.
     pub(crate) async fn handle_request(
-        &self,
+        self: &Arc<Self>,
         peer: &str,
         kind: &str,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, String> {
+        if kind.starts_with("migrate-") {
+            return self.handle_migration_request(peer, kind, &body).await;
+        }
         let pages = self.pages.clone();
         let origin = peer.to_string();
         let r = match kind {
@@ -557,7 +560,7 @@ async fn drive_migration(
 
 /// After a failed checkpoint: cancel the migration and make sure a guest
 /// that was running runs again.
-async fn recover_source(qmp: &Qmp, name: &str, was_running: bool) {
+pub(crate) async fn recover_source(qmp: &Qmp, name: &str, was_running: bool) {
     let _ = qmp.execute("migrate_cancel", None).await;
     if !was_running {
         return;
@@ -701,7 +704,7 @@ fn feed_stream(
 
 /// Waits until QEMU says the incoming migration finished: the guest runs
 /// (or, when started with `-S`, is paused).
-async fn wait_loaded(qmp: &Qmp, paused: bool, within: Duration) -> Result<(), String> {
+pub(crate) async fn wait_loaded(qmp: &Qmp, paused: bool, within: Duration) -> Result<(), String> {
     let deadline = Instant::now() + within;
     let want = if paused { "paused" } else { "running" };
     loop {

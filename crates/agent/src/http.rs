@@ -281,6 +281,17 @@ pub struct CheckpointQuery {
     replicate_to: Option<String>,
 }
 
+/// Moves a running VM to a peer, live.
+#[utoipa::path(post, path = "/v1/vms/{name}/migrate", params(("name" = String, Path)), request_body = ReplicateRequest,
+    responses((status = 200, body = crate::migrate::MigrationReport), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
+async fn migrate(
+    State(m): Mgr,
+    Path(name): Path<String>,
+    Required(req): Required<ReplicateRequest>,
+) -> Result<Json<crate::migrate::MigrationReport>, ApiError> {
+    Ok(Json(m.migrate(&name, &req.to).await?))
+}
+
 /// Sends a checkpoint to a peer: only the pages and parts it lacks.
 #[utoipa::path(post, path = "/v1/checkpoints/{id}/replicate", params(("id" = String, Path)), request_body = ReplicateRequest,
     responses((status = 200, body = CheckpointInfo), (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)))]
@@ -456,6 +467,7 @@ async fn wrong_method() -> Response {
         delete_checkpoint,
         restore,
         replicate,
+        migrate,
         verify_checkpoints
     ),
     components(schemas(
@@ -473,7 +485,8 @@ async fn wrong_method() -> Response {
         CheckpointHealth,
         DeleteCheckpointResult,
         ReplicaInfo,
-        ReplicateRequest
+        ReplicateRequest,
+        crate::migrate::MigrationReport
     ))
 )]
 pub struct ApiDoc;
@@ -505,6 +518,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         )
         .route("/v1/checkpoints/{id}/restore", post(restore))
         .route("/v1/checkpoints/{id}/replicate", post(replicate))
+        .route("/v1/vms/{name}/migrate", post(migrate))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -22,6 +22,7 @@ mod checkpoint;
 pub mod config;
 pub mod http;
 pub mod manager;
+pub mod migrate;
 pub mod peers;
 pub mod store;
 

@@ -71,6 +71,8 @@ pub enum AgentError {
         #[source]
         source: Box<AgentError>,
     },
+    #[error("migration of VM {name:?} failed: {detail}")]
+    MigrationFailed { name: String, detail: String },
     #[error("restore of {checkpoint} as VM {name:?} failed: {detail}")]
     RestoreFailed {
         checkpoint: String,
@@ -109,6 +111,7 @@ impl AgentError {
             | AgentError::ReplicationFailed { .. } => ErrorCode::CheckpointFailed,
             AgentError::Peer(crate::peers::PeerError::Unknown(_)) => ErrorCode::InvalidSpec,
             AgentError::Peer(_) => ErrorCode::PeerFailed,
+            AgentError::MigrationFailed { .. } => ErrorCode::MigrationFailed,
         }
     }
 }
@@ -215,6 +218,8 @@ pub struct Manager {
     pub(crate) pages: Arc<dwcp_hde::PageStore>,
     /// Other nodes (when this one has an identity).
     pub(crate) peers: Option<Arc<crate::peers::Peers>>,
+    /// Migrations coming in, by id.
+    pub(crate) incoming: crate::migrate::IncomingMigrations,
     pub(crate) qemu: QemuBinary,
     accel: watch::Receiver<Option<AccelReport>>,
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
@@ -289,6 +294,7 @@ impl Manager {
             store,
             pages: Arc::new(pages),
             peers,
+            incoming: Default::default(),
             qemu,
             accel,
             vms: Mutex::new(vms),

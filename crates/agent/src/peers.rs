@@ -48,6 +48,8 @@ pub struct Peers {
     sessions: tokio::sync::Mutex<BTreeMap<String, Session>>,
     /// Who answers requests from other nodes.
     handler: std::sync::OnceLock<std::sync::Weak<crate::Manager>>,
+    /// Transfers someone here waits for, by name (a migration's stream).
+    expected: Mutex<std::collections::HashMap<String, oneshot::Sender<Incoming>>>,
 }
 
 /// Why a request to a peer failed.
@@ -100,6 +102,7 @@ impl Peers {
             waiters: Mutex::default(),
             sessions: tokio::sync::Mutex::default(),
             handler: std::sync::OnceLock::new(),
+            expected: Mutex::default(),
             state: Mutex::new(
                 cfg.peers
                     .iter()
@@ -158,6 +161,43 @@ impl Peers {
         Ok(s)
     }
 
+    /// The transfer named `name`, when a peer opens it.
+    pub fn expect(&self, name: &str) -> oneshot::Receiver<Incoming> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.expected).insert(name.to_string(), tx);
+        rx
+    }
+
+    /// Stops waiting for transfer `name`.
+    pub fn unexpect(&self, name: &str) {
+        lock(&self.expected).remove(name);
+    }
+
+    /// A session for bulk data to `peer` (not shared with requests).
+    pub async fn data_session(
+        &self,
+        peer: &str,
+        cfg: TransportConfig,
+    ) -> Result<Session, PeerError> {
+        let addr = *self
+            .addrs
+            .get(peer)
+            .ok_or_else(|| PeerError::Unknown(peer.to_string()))?;
+        Session::connect(addr, &self.identity, Some(peer), cfg)
+            .await
+            .map_err(|source| PeerError::Transport {
+                peer: peer.to_string(),
+                source,
+            })
+    }
+
+    /// The last measured link to `peer`: RTT and goodput.
+    pub fn link(&self, peer: &str) -> Option<(Duration, f64)> {
+        let s = lock(&self.state);
+        let p = s.get(peer)?;
+        Some((Duration::from_secs_f64(p.rtt_ms? / 1000.0), p.goodput_bps?))
+    }
+
     /// Sends request `kind` to `peer` and waits for its answer.
     pub async fn request(
         &self,
@@ -213,6 +253,13 @@ impl Peers {
     async fn incoming(self: Arc<Self>, mut inc: Incoming) {
         if inc.name == PROBE {
             while inc.chunks.recv().await.is_some() {}
+            return;
+        }
+        let waiter = lock(&self.expected).remove(&inc.name);
+        if let Some(tx) = waiter {
+            if let Err(mut inc) = tx.send(inc) {
+                while inc.chunks.recv().await.is_some() {}
+            }
             return;
         }
         let name = inc.name.clone();

@@ -169,6 +169,14 @@ impl Client {
         self.json(self.http.post(self.url(&p)), &p).await
     }
 
+    /// Moves VM `name` to peer `to`, live; the answer is the report.
+    pub async fn migrate(&self, name: &str, to: &str) -> Result<serde_json::Value, ClientError> {
+        let p = format!("/v1/vms/{name}/migrate");
+        let body = crate::types::ReplicateRequest { to: to.into() };
+        self.json(self.http.post(self.url(&p)).json(&body), &p)
+            .await
+    }
+
     pub async fn replicate(&self, id: &str, to: &str) -> Result<CheckpointInfo, ClientError> {
         let p = format!("/v1/checkpoints/{id}/replicate");
         let body = crate::types::ReplicateRequest { to: to.into() };

@@ -415,6 +415,8 @@ pub enum ErrorCode {
     CheckpointFailed,
     /// Another node could not be reached or refused.
     PeerFailed,
+    /// A migration failed; the message says where the VM runs.
+    MigrationFailed,
 }
 
 impl ErrorCode {
@@ -435,6 +437,7 @@ impl ErrorCode {
             ErrorCode::CheckpointCorrupt => "checkpoint_corrupt",
             ErrorCode::CheckpointFailed => "checkpoint_failed",
             ErrorCode::PeerFailed => "peer_failed",
+            ErrorCode::MigrationFailed => "migration_failed",
         }
     }
 
@@ -446,7 +449,7 @@ impl ErrorCode {
             ErrorCode::VmExists | ErrorCode::InvalidState => 409,
             ErrorCode::CheckpointCorrupt => 422,
             ErrorCode::CheckpointFailed => 500,
-            ErrorCode::PeerFailed => 502,
+            ErrorCode::PeerFailed | ErrorCode::MigrationFailed => 502,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::QemuFailed | ErrorCode::QmpFailed => 502,
             ErrorCode::StoreFailed | ErrorCode::Internal => 500,

@@ -112,6 +112,14 @@ enum VmAction {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running VM to another node, live (see `dwcp node list`).
+    Migrate {
+        name: String,
+        #[arg(long, value_name = "NODE")]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a new VM from a checkpoint (see `dwcp checkpoint list`).
     Restore {
         /// Checkpoint id, `VM@N`.
@@ -450,6 +458,29 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                 if let Some(r) = &ck.replicated {
                     print_replica(r);
                 }
+            }
+        }
+        VmAction::Migrate { name, to, json } => {
+            if !json {
+                eprintln!(
+                    "migrating VM {name} to {to} (it keeps running until the switch-over) ..."
+                );
+            }
+            let r = c.migrate(&name, &to).await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                println!(
+                    "VM {name} runs on {to}: {:.1} s, {} on the wire for a {} stream ({} saved by dedup, {} by compression), {} rounds, switch-over {} ms",
+                    r["seconds"].as_f64().unwrap_or(0.0),
+                    format_bytes(n("wire_bytes")),
+                    format_bytes(n("stream_bytes")),
+                    format_bytes(n("saved_by_dedup_bytes")),
+                    format_bytes(n("saved_by_compression_bytes")),
+                    n("rounds"),
+                    n("switchover_ms")
+                );
             }
         }
         VmAction::Restore {

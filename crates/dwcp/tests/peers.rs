@@ -259,6 +259,92 @@ fn replicated_checkpoints_send_only_what_changed_and_restore_there() {
 }
 
 #[test]
+fn live_migration_keeps_the_guest_counting() {
+    let name = format!("m{}", std::process::id() % 100_000);
+    let mut cfg = LabConfig::new(&name, &["a", "b"]);
+    cfg.all = [("rate", "200mbit"), ("delay", "25ms"), ("loss", "0.5%")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lab = Lab::up(cfg).expect("lab up");
+    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = |p: &str| tmp.path().join(p).display().to_string();
+    dwcp(&["cluster", "init", "--dir", &path("ca")]);
+    for n in ["alpha", "beta"] {
+        dwcp(&[
+            "cluster",
+            "issue",
+            "--dir",
+            &path("ca"),
+            "--node",
+            n,
+            "--out",
+            &path(n),
+        ]);
+    }
+    let start = |node: &str, host: &str, me: String, other: String| {
+        let args = [
+            "--accel",
+            "tcg",
+            "--identity",
+            &path(node),
+            "--amst-listen",
+            &me,
+            "--peer",
+            &other,
+        ];
+        Agent::start_netns(
+            &tmp.path().join(format!("data-{node}")),
+            &args,
+            Some(&lab.config().netns(host)),
+        )
+    };
+    let alpha = start(
+        "alpha",
+        "a",
+        format!("{a_ip}:7481"),
+        format!("beta={b_ip}:7481"),
+    );
+    let beta = start(
+        "beta",
+        "b",
+        format!("{b_ip}:7481"),
+        format!("alpha={a_ip}:7481"),
+    );
+
+    alpha.create_guest("web", "dwcp.mem_mb=32 dwcp.fill=mixed dwcp.dirty_pages=500");
+    alpha.wait_tick("web", 2, Duration::from_secs(90));
+    let before = last_tick(&alpha.console("web")).expect("ticks");
+    let r: Value =
+        serde_json::from_str(&alpha.ok(&["vm", "migrate", "web", "--to", "beta", "--json"]))
+            .expect("json");
+    eprintln!("migration: {r}");
+    assert!(r["wire_bytes"].as_u64().expect("wire") < r["stream_bytes"].as_u64().expect("stream"));
+    // Gone here, running there, counting on from where it was, OK.
+    assert!(!alpha.ok(&["vm", "list"]).contains("web"));
+    assert_eq!(beta.state("web"), "running");
+    let t = beta.wait_tick("web", before, Duration::from_secs(60));
+    beta.wait_tick("web", t + 2, Duration::from_secs(60));
+    let console = beta.console("web");
+    let first = console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TICK "))
+        .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .next()
+        .expect("ticks");
+    assert!(
+        first >= before && first <= before + 30,
+        "first TICK there {first}, before {before}"
+    );
+
+    // Migrating a VM that is not there, or to nobody, is refused clearly.
+    let err = beta.fails(&["vm", "migrate", "web", "--to", "nobody"]);
+    assert!(err.contains("no peer named"), "{err}");
+    assert_eq!(beta.state("web"), "running");
+}
+
+#[test]
 fn peers_without_a_certificate_are_refused_at_start() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = Command::new(env!("CARGO_BIN_EXE_dwcp"))

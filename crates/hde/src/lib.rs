@@ -31,9 +31,9 @@ pub mod codec;
 mod manifest;
 mod objects;
 pub mod replica;
-pub mod wire;
 mod restore;
 mod store;
+pub mod wire;
 
 use std::fmt;
 

@@ -66,7 +66,12 @@ impl WireEncoder {
     }
 
     /// Appends the record for `item` to `out`.
-    pub fn encode(&mut self, item: Item, names: &[String], out: &mut Vec<u8>) -> Result<(), HdeError> {
+    pub fn encode(
+        &mut self,
+        item: Item,
+        names: &[String],
+        out: &mut Vec<u8>,
+    ) -> Result<(), HdeError> {
         let start = out.len();
         match item {
             Item::Meta { kind, bytes } => {
@@ -220,7 +225,9 @@ impl WireDecoder {
                 },
                 _ => return Err(bad("verbatim kind")),
             };
-            self.writer.write(&item, out).map_err(|e| HdeError::Stream(e.to_string()))?;
+            self.writer
+                .write(&item, out)
+                .map_err(|e| HdeError::Stream(e.to_string()))?;
             return Ok(Some(7 + n));
         }
         if b.len() < 12 {
@@ -245,10 +252,9 @@ impl WireDecoder {
                     return Ok(None);
                 }
                 let d = crate::store::digest_from(&b[12..44]);
-                let obj = self
-                    .pages
-                    .get(&d)
-                    .ok_or_else(|| HdeError::Stream(format!("a reference to page {d}, never sent")))?;
+                let obj = self.pages.get(&d).ok_or_else(|| {
+                    HdeError::Stream(format!("a reference to page {d}, never sent"))
+                })?;
                 (PageData::Full(decode_checked(obj, &d)?), 44)
             }
             TAG_OBJECT => {
@@ -284,10 +290,14 @@ impl WireDecoder {
 }
 
 fn decode_checked(obj: &[u8], d: &Digest) -> Result<Box<codec::Page>, HdeError> {
-    let page = codec::decode_page(obj, |_| Err(HdeError::Stream("a delta in a migration".into())))
-        .map_err(|e| HdeError::Stream(format!("page {d}: {e}")))?;
+    let page = codec::decode_page(obj, |_| {
+        Err(HdeError::Stream("a delta in a migration".into()))
+    })
+    .map_err(|e| HdeError::Stream(format!("page {d}: {e}")))?;
     if Digest::of(&page[..]) != *d {
-        return Err(HdeError::Stream(format!("page {d}: its content does not match its digest")));
+        return Err(HdeError::Stream(format!(
+            "page {d}: its content does not match its digest"
+        )));
     }
     Ok(page)
 }

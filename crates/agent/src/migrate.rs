@@ -1,0 +1,557 @@
+//! Live migration between agents.
+//!
+//! Source: QEMU migrates (precopy, no return path) into a unix socket; a
+//! blocking thread parses the stream and encodes it for the wire
+//! (`dwcp_hde::wire`: pages already sent go as references, the rest
+//! compressed); the records go to the destination as one AMST transfer whose
+//! window is about one bandwidth-delay product, so QEMU's own rate and
+//! downtime estimates see the real link.
+//!
+//! Destination: on `migrate-prepare` it creates the VM and starts QEMU with
+//! `-incoming` and `-S` (loaded, not running); it decodes the transfer into
+//! QEMU's socket.
+//!
+//! Switch-over, so that the VM never runs twice and is never lost: when the
+//! source QEMU has sent everything (and is paused) and the destination
+//! acknowledged every byte, the source asks `migrate-commit`. The
+//! destination starts its guest only then, and answers. On that answer the
+//! source ends its QEMU and forgets the VM. If the destination refuses,
+//! the source resumes its guest. If no answer comes, the source keeps its
+//! guest paused and says the outcome is unknown (the destination may be
+//! running it). Any failure before the commit cancels the migration on both
+//! sides and the source guest runs on.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use dwcp_api::{VmSpec, VmState};
+use dwcp_hde::wire::{WireDecoder, WireEncoder, WireStats};
+use dwcp_hypervisor::{launch, Accel, Launched, Qmp};
+use dwcp_transport::{Chunk, Class, TransportConfig};
+use dwcp_vmstream::StreamParser;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::sync::mpsc;
+
+use crate::checkpoint::{capabilities, recover_source, wait_loaded};
+use crate::manager::{lock, AgentError, Manager};
+use crate::peers::PeerError;
+
+/// What a finished migration did.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MigrationReport {
+    pub vm: String,
+    pub to: String,
+    pub seconds: f64,
+    /// Bytes of QEMU's own stream.
+    pub stream_bytes: u64,
+    /// Bytes that crossed the network (the encoded records).
+    pub wire_bytes: u64,
+    pub saved_by_dedup_bytes: u64,
+    pub saved_by_compression_bytes: u64,
+    pub pages: u64,
+    pub ref_pages: u64,
+    /// Rounds of dirty-page sync QEMU went through.
+    pub rounds: u64,
+    /// QEMU's own downtime figure (taken at the source).
+    pub qemu_downtime_ms: Option<u64>,
+    /// From the source guest's pause to the destination's `cont`.
+    pub switchover_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Prepare {
+    id: String,
+    spec: VmSpec,
+    accel: String,
+}
+
+/// An incoming migration on the destination.
+pub(crate) struct IncomingMigration {
+    vm: String,
+    launched: Launched,
+    accel: Accel,
+    fed: tokio::task::JoinHandle<Result<u64, String>>,
+}
+
+pub(crate) type IncomingMigrations = Mutex<HashMap<String, IncomingMigration>>;
+
+impl Manager {
+    /// Moves running VM `name` to peer `to`. See the module docs.
+    pub async fn migrate(
+        self: &Arc<Self>,
+        name: &str,
+        to: &str,
+    ) -> Result<MigrationReport, AgentError> {
+        let started = Instant::now();
+        let peers = self.peers.clone().ok_or(PeerError::NoIdentity)?;
+        let vm = self.vm(name)?;
+        let op = vm.op.lock().await;
+        let failed = |detail: String| AgentError::MigrationFailed {
+            name: name.into(),
+            detail,
+        };
+        let (qmp, spec, accel) = {
+            let c = lock(&vm.cell);
+            if c.rec.state != VmState::Running {
+                return Err(AgentError::InvalidState {
+                    name: name.into(),
+                    op: "migrate",
+                    state: c.rec.state,
+                    hint: " (only a running VM is migrated)",
+                });
+            }
+            let accel = c
+                .rec
+                .runtime
+                .as_ref()
+                .map(|r| r.accel.clone())
+                .unwrap_or_default();
+            (c.qmp.clone(), c.rec.spec.clone(), accel)
+        };
+        let qmp = qmp.ok_or_else(|| failed("QEMU is not connected".into()))?;
+        let id = format!("{name}-{:08x}", rand_id());
+        let prepare = serde_json::to_vec(&Prepare {
+            id: id.clone(),
+            spec: spec.clone(),
+            accel,
+        })
+        .map_err(|e| failed(e.to_string()))?;
+        peers
+            .request(to, "migrate-prepare", prepare, Duration::from_secs(60))
+            .await?;
+        tracing::info!(vm = %name, %to, %id, "migration prepared at the destination");
+
+        let abort_remote = |why: &str| {
+            let peers = peers.clone();
+            let (to, id, why) = (to.to_string(), id.clone(), why.to_string());
+            async move {
+                let body = json!({ "id": id, "why": why }).to_string().into_bytes();
+                if let Err(e) = peers
+                    .request(&to, "migrate-abort", body, Duration::from_secs(20))
+                    .await
+                {
+                    tracing::warn!(peer = %to, "cannot tell the destination to abort: {}", crate::format_chain(&e));
+                }
+            }
+        };
+
+        let sent = self
+            .send_stream(&vm.dir, &qmp, &peers, to, &id, spec.memory_bytes)
+            .await;
+        let (stats, rounds, downtime) = match sent {
+            Ok(v) => v,
+            Err(detail) => {
+                recover_source(&qmp, name, true).await;
+                abort_remote(&detail).await;
+                return Err(failed(detail));
+            }
+        };
+        let paused_at = Instant::now();
+        let commit = peers
+            .request(
+                to,
+                "migrate-commit",
+                json!({ "id": id }).to_string().into_bytes(),
+                Duration::from_secs(90),
+            )
+            .await;
+        match commit {
+            Ok(_) => {
+                let switchover_ms = paused_at.elapsed().as_millis() as u64;
+                drop(op);
+                // The VM runs at the destination now: end it here.
+                if let Err(e) = self.delete(name, true).await {
+                    tracing::warn!(vm = %name, "migrated, but the local copy was not removed: {}", crate::format_chain(&e));
+                }
+                let report = MigrationReport {
+                    vm: name.into(),
+                    to: to.into(),
+                    seconds: started.elapsed().as_secs_f64(),
+                    stream_bytes: stats.stream_bytes,
+                    wire_bytes: stats.wire_bytes,
+                    saved_by_dedup_bytes: stats.saved_by_dedup,
+                    saved_by_compression_bytes: stats.saved_by_compression,
+                    pages: stats.pages,
+                    ref_pages: stats.ref_pages,
+                    rounds,
+                    qemu_downtime_ms: downtime,
+                    switchover_ms,
+                };
+                tracing::info!(vm = %name, %to, seconds = report.seconds, wire_bytes = report.wire_bytes, "migrated");
+                Ok(report)
+            }
+            Err(PeerError::Refused { message, .. }) => {
+                recover_source(&qmp, name, true).await;
+                Err(failed(format!(
+                    "the destination refused to start the VM ({message}); it runs on here"
+                )))
+            }
+            Err(e) => {
+                let why = format!(
+                    "no answer to the switch-over ({}); the VM stays paused here because {to} may be running it: check there, then resume or delete it here",
+                    crate::format_chain(&e)
+                );
+                let mut c = lock(&vm.cell);
+                c.rec.last_error = Some(why.clone());
+                self.persist(&vm, &c);
+                Err(failed(why))
+            }
+        }
+    }
+
+    /// Runs QEMU's migration into a local socket and relays it to the
+    /// destination. Returns the encoder's figures, QEMU's rounds and
+    /// downtime once QEMU completed and the destination has every byte.
+    async fn send_stream(
+        &self,
+        dir: &std::path::Path,
+        qmp: &Qmp,
+        peers: &Arc<crate::peers::Peers>,
+        to: &str,
+        id: &str,
+        memory_bytes: u64,
+    ) -> Result<(WireStats, u64, Option<u64>), String> {
+        let sock = dir.join("migrate.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock)
+            .map_err(|e| format!("{}: {e}", sock.display()))?;
+        // A window of about one bandwidth-delay product: QEMU then sees the
+        // link's rate, not a buffer's.
+        let (rtt, rate) = peers
+            .link(to)
+            .unwrap_or((Duration::from_millis(100), 100e6));
+        let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
+        let cfg = TransportConfig {
+            window_bytes: bdp.clamp(4 << 20, 64 << 20),
+            ..TransportConfig::default()
+        };
+        let session = peers
+            .data_session(to, cfg)
+            .await
+            .map_err(|e| crate::format_chain(&e))?;
+        let q = |e: dwcp_hypervisor::QmpError| e.to_string();
+        qmp.execute("migrate-set-capabilities", Some(capabilities()))
+            .await
+            .map_err(q)?;
+        let limit = (rtt.as_millis() as u64).clamp(300, 2000);
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 64u64 << 30, "downtime-limit": limit })),
+        )
+        .await
+        .map_err(q)?;
+        qmp.execute(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", sock.display()) })),
+        )
+        .await
+        .map_err(q)?;
+        let conn = match tokio::time::timeout(Duration::from_secs(10), listener.accept()).await {
+            Ok(Ok((c, _))) => c,
+            _ => return Err("QEMU did not connect to the migration socket".into()),
+        };
+        let conn = conn
+            .into_std()
+            .and_then(|c| c.set_nonblocking(false).map(|_| c))
+            .map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&sock);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+        let encoder = tokio::task::spawn_blocking(move || encode_stream(conn, tx));
+        let transfer_name = format!("migrate/{id}");
+        let transfer = session.send(
+            &transfer_name,
+            Class::Migration,
+            memory_bytes,
+            ChanReader::new(rx),
+            |_| {},
+        );
+        let result = async {
+            let report = transfer.await.map_err(|e| crate::format_chain(&e))?;
+            let stats = encoder.await.map_err(|e| e.to_string())??;
+            Ok::<_, String>((report, stats))
+        };
+        let (report, stats) = result.await.inspect_err(|_| {
+            session.close();
+        })?;
+        session.close();
+        let status = qmp.execute("query-migrate", None).await.map_err(q)?;
+        if status["status"] != "completed" {
+            return Err(format!("QEMU's migration ended {}", status["status"]));
+        }
+        let rounds = status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        tracing::info!(
+            bytes = report.bytes,
+            goodput = report.goodput_bps,
+            "stream sent"
+        );
+        Ok((stats, rounds, status["downtime"].as_u64()))
+    }
+
+    /// Destination side of requests.
+    pub(crate) async fn handle_migration_request(
+        self: &Arc<Self>,
+        peer: &str,
+        kind: &str,
+        body: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let id = || -> Result<String, String> {
+            let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+            v["id"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| "no id".to_string())
+        };
+        match kind {
+            "migrate-prepare" => {
+                let p: Prepare =
+                    serde_json::from_slice(body).map_err(|e| format!("bad request: {e}"))?;
+                self.prepare_incoming(peer, p)
+                    .await
+                    .map_err(|e| crate::format_chain(&e))?;
+                Ok(Vec::new())
+            }
+            "migrate-commit" => self.commit_incoming(&id()?).await.map(|_| Vec::new()),
+            "migrate-abort" => {
+                self.abort_incoming(&id()?, "the source aborted").await;
+                Ok(Vec::new())
+            }
+            other => Err(format!("unknown request {other:?}")),
+        }
+    }
+
+    async fn prepare_incoming(self: &Arc<Self>, peer: &str, p: Prepare) -> Result<(), AgentError> {
+        let peers = self.peers.clone().ok_or(PeerError::NoIdentity)?;
+        let accel = if p.accel == "kvm" {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        };
+        let here = self.accel().await.accel;
+        if accel != here {
+            return Err(AgentError::MigrationFailed {
+                name: p.spec.name.clone(),
+                detail: format!("it runs under {accel} and this node runs {here}"),
+            });
+        }
+        self.create(p.spec.clone(), false).await?;
+        let vm = self.vm(&p.spec.name)?;
+        let sock = vm.dir.join("incoming.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut spec = vm.launch_spec(&p.spec, accel, Some(sock.clone()));
+        spec.start_paused = true;
+        let launched = match launch(&self.qemu, &spec, self.cfg.qmp_timeout).await {
+            Ok(l) => l,
+            Err(source) => {
+                let _ = self.delete(&p.spec.name, true).await;
+                return Err(AgentError::Qemu {
+                    name: p.spec.name.clone(),
+                    source,
+                });
+            }
+        };
+        let incoming = peers.expect(&format!("migrate/{}", p.id));
+        let from = peer.to_string();
+        let fed = tokio::spawn(async move {
+            let mut inc = tokio::time::timeout(Duration::from_secs(60), incoming)
+                .await
+                .map_err(|_| "the stream never came".to_string())?
+                .map_err(|_| "the stream never came".to_string())?;
+            let mut qemu = tokio::net::UnixStream::connect(&sock)
+                .await
+                .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
+            let mut dec = WireDecoder::new();
+            let mut out = Vec::new();
+            let mut total = 0u64;
+            while let Some(c) = inc.chunks.recv().await {
+                match c {
+                    Chunk::Data(d) => {
+                        out.clear();
+                        dec.feed(&d, &mut out)
+                            .map_err(|e| format!("from {from}: {e}"))?;
+                        qemu.write_all(&out)
+                            .await
+                            .map_err(|e| format!("QEMU stopped taking the stream: {e}"))?;
+                        total += out.len() as u64;
+                    }
+                    Chunk::Done { .. } => {
+                        let _ = qemu.flush().await;
+                        return Ok(total);
+                    }
+                }
+            }
+            Err("the source abandoned the stream".to_string())
+        });
+        lock(&self.incoming).insert(
+            p.id.clone(),
+            IncomingMigration {
+                vm: p.spec.name.clone(),
+                launched,
+                accel,
+                fed,
+            },
+        );
+        tracing::info!(vm = %p.spec.name, from = %peer, id = %p.id, "incoming migration prepared");
+        Ok(())
+    }
+
+    async fn commit_incoming(self: &Arc<Self>, id: &str) -> Result<(), String> {
+        let Some(mut m) = lock(&self.incoming).remove(id) else {
+            return Err(format!("no incoming migration {id}"));
+        };
+        let fed = match tokio::time::timeout(Duration::from_secs(60), &mut m.fed).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the stream did not end".into()),
+        };
+        let loaded = match &fed {
+            Ok(_) => wait_loaded(&m.launched.qmp, true, Duration::from_secs(60)).await,
+            Err(e) => Err(e.clone()),
+        };
+        let started = match loaded {
+            Ok(()) => m
+                .launched
+                .qmp
+                .execute("cont", None)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(_) => {
+                let vm = self.vm(&m.vm).map_err(|e| e.to_string())?;
+                self.adopt(&vm, m.launched, m.accel, false);
+                tracing::info!(vm = %m.vm, "incoming migration complete: running here");
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!(
+                    "{e}; QEMU said: {}",
+                    dwcp_hypervisor::qemu::log_tail(
+                        &self.vm(&m.vm).map(|v| v.qemu_log()).unwrap_or_default(),
+                        3
+                    )
+                );
+                self.drop_incoming(m).await;
+                Err(why)
+            }
+        }
+    }
+
+    async fn abort_incoming(self: &Arc<Self>, id: &str, why: &str) {
+        let m = lock(&self.incoming).remove(id);
+        if let Some(m) = m {
+            tracing::info!(vm = %m.vm, "incoming migration aborted: {why}");
+            self.drop_incoming(m).await;
+        }
+        if let Some(p) = &self.peers {
+            p.unexpect(&format!("migrate/{id}"));
+        }
+    }
+
+    async fn drop_incoming(self: &Arc<Self>, mut m: IncomingMigration) {
+        m.fed.abort();
+        let _ = m.launched.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), m.launched.child.wait()).await;
+        if let Err(e) = self.delete(&m.vm, true).await {
+            tracing::warn!(vm = %m.vm, "cannot remove the VM of a failed incoming migration: {}", crate::format_chain(&e));
+        }
+    }
+}
+
+/// Reads QEMU's stream, encodes it for the wire, hands the records on.
+fn encode_stream(mut conn: UnixStream, tx: mpsc::Sender<Vec<u8>>) -> Result<WireStats, String> {
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let mut parser = StreamParser::new();
+    let mut enc = WireEncoder::new(1).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut out = Vec::with_capacity(2 << 20);
+    let mut names: Vec<String> = Vec::new();
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading QEMU's stream: {e}")),
+        };
+        parser.feed(&buf[..n]);
+        loop {
+            match parser.next_item() {
+                Ok(Some(item)) => {
+                    if names.len() != parser.blocks().len() {
+                        names = parser.blocks().iter().map(|b| b.name.clone()).collect();
+                    }
+                    enc.encode(item, &names, &mut out)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("QEMU's stream: {e}")),
+            }
+        }
+        // Hand on what is there at once: QEMU has sync points.
+        if !out.is_empty() {
+            let chunk = std::mem::replace(&mut out, Vec::with_capacity(2 << 20));
+            if tx.blocking_send(chunk).is_err() {
+                return Err("the transfer to the destination ended".into());
+            }
+        }
+    }
+    parser.finish().map_err(|e| format!("QEMU's stream: {e}"))?;
+    Ok(enc.stats())
+}
+
+/// An `AsyncRead` over chunks from a channel.
+struct ChanReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl ChanReader {
+    fn new(rx: mpsc::Receiver<Vec<u8>>) -> ChanReader {
+        ChanReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl AsyncRead for ChanReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            if self.pos < self.cur.len() {
+                let n = (self.cur.len() - self.pos).min(buf.remaining());
+                let start = self.pos;
+                buf.put_slice(&self.cur[start..start + n]);
+                self.pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(c)) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+fn rand_id() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    u32::from_le_bytes(b) ^ std::process::id()
+}
