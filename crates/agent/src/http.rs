@@ -292,6 +292,24 @@ async fn migrate(
     Ok(Json(m.migrate(&name, &req.to).await?))
 }
 
+/// The progress of a VM's migration.
+#[utoipa::path(get, path = "/v1/vms/{name}/migration", params(("name" = String, Path)),
+    responses((status = 200, body = crate::migrate::MigrationProgress), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn migration(
+    State(m): Mgr,
+    Path(name): Path<String>,
+) -> Result<Json<crate::migrate::MigrationProgress>, ApiError> {
+    Ok(Json(m.migration(&name)?))
+}
+
+/// Cancels a VM's migration before its switch-over; the VM runs on here.
+#[utoipa::path(post, path = "/v1/vms/{name}/migration/cancel", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn cancel_migration(State(m): Mgr, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    m.cancel_migration(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Sends a checkpoint to a peer: only the pages and parts it lacks.
 #[utoipa::path(post, path = "/v1/checkpoints/{id}/replicate", params(("id" = String, Path)), request_body = ReplicateRequest,
     responses((status = 200, body = CheckpointInfo), (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)))]
@@ -468,6 +486,8 @@ async fn wrong_method() -> Response {
         restore,
         replicate,
         migrate,
+        migration,
+        cancel_migration,
         verify_checkpoints
     ),
     components(schemas(
@@ -486,7 +506,8 @@ async fn wrong_method() -> Response {
         DeleteCheckpointResult,
         ReplicaInfo,
         ReplicateRequest,
-        crate::migrate::MigrationReport
+        crate::migrate::MigrationReport,
+        crate::migrate::MigrationProgress
     ))
 )]
 pub struct ApiDoc;
@@ -519,6 +540,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/checkpoints/{id}/restore", post(restore))
         .route("/v1/checkpoints/{id}/replicate", post(replicate))
         .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/migration", get(migration))
+        .route("/v1/vms/{name}/migration/cancel", post(cancel_migration))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

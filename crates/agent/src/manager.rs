@@ -220,6 +220,8 @@ pub struct Manager {
     pub(crate) peers: Option<Arc<crate::peers::Peers>>,
     /// Migrations coming in, by id.
     pub(crate) incoming: crate::migrate::IncomingMigrations,
+    /// Migrations going out, by VM.
+    pub(crate) migrations: crate::migrate::Migrations,
     pub(crate) qemu: QemuBinary,
     accel: watch::Receiver<Option<AccelReport>>,
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
@@ -295,6 +297,7 @@ impl Manager {
             pages: Arc::new(pages),
             peers,
             incoming: Default::default(),
+            migrations: Default::default(),
             qemu,
             accel,
             vms: Mutex::new(vms),
@@ -311,10 +314,23 @@ impl Manager {
         let vms: Vec<Arc<Vm>> = lock(&self.vms).values().cloned().collect();
         for vm in vms {
             let _op = vm.op.lock().await;
-            let (runtime, desired) = {
+            let (runtime, desired, incoming) = {
                 let c = lock(&vm.cell);
-                (c.rec.runtime.clone(), c.rec.desired)
+                (c.rec.runtime.clone(), c.rec.desired, c.rec.incoming)
             };
+            if incoming {
+                // Half an incoming migration: the source still has the VM.
+                if let Some(rt) = &runtime {
+                    if process_matches(rt.pid, &vm.qmp_socket()) {
+                        signal(rt.pid, libc::SIGKILL);
+                    }
+                }
+                tracing::info!(vm = %vm.name, "removing the VM of an incoming migration interrupted by a restart");
+                lock(&self.vms).remove(&vm.name);
+                let _ = self.store.delete(&vm.name);
+                let _ = std::fs::remove_dir_all(&vm.dir);
+                continue;
+            }
             if let Some(rt) = runtime {
                 if process_matches(rt.pid, &vm.qmp_socket()) {
                     match Qmp::connect(&vm.qmp_socket(), self.cfg.qmp_timeout).await {
@@ -501,6 +517,7 @@ impl Manager {
                 state: VmState::Stopped,
                 runtime: None,
                 last_error: None,
+                incoming: false,
             };
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
@@ -606,6 +623,7 @@ impl Manager {
                 VmState::Running
             };
             c.rec.last_error = None;
+            c.rec.incoming = false;
         }
         self.attach(vm, Arc::new(l.qmp), ExitWatch::Child(l.child), paused, None);
     }

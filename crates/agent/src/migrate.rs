@@ -65,6 +65,40 @@ pub struct MigrationReport {
     pub switchover_ms: u64,
 }
 
+/// A running migration, as `GET /v1/vms/{name}/migration` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MigrationProgress {
+    pub to: String,
+    /// QEMU's status (`setup`, `active`, `device`, `completed`), or
+    /// `switch-over` while the destination starts the VM.
+    pub status: String,
+    /// Dirty-page sync rounds so far.
+    pub round: u64,
+    /// Bytes QEMU has sent.
+    pub stream_bytes: u64,
+    /// Bytes that went on the wire for them.
+    pub wire_bytes: u64,
+    /// Memory still dirty.
+    pub remaining_bytes: u64,
+    /// QEMU's measured rate, bits per second.
+    pub rate_bps: f64,
+    /// QEMU's estimate of the pause at switch-over.
+    pub expected_downtime_ms: u64,
+    pub elapsed_secs: f64,
+    /// Remaining bytes at the current rate.
+    pub eta_secs: Option<f64>,
+}
+
+/// A migration's handle: progress to show, and a way to cancel it.
+pub(crate) struct MigrationControl {
+    progress: Mutex<MigrationProgress>,
+    cancel: tokio::sync::watch::Sender<bool>,
+    stream_bytes: std::sync::atomic::AtomicU64,
+    wire_bytes: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) type Migrations = Mutex<HashMap<String, Arc<MigrationControl>>>;
+
 #[derive(Serialize, Deserialize)]
 struct Prepare {
     id: String,
@@ -90,7 +124,9 @@ impl Manager {
         to: &str,
     ) -> Result<MigrationReport, AgentError> {
         let started = Instant::now();
-        let peers = self.peers.clone().ok_or(PeerError::NoIdentity)?;
+        if self.peers.is_none() {
+            return Err(PeerError::NoIdentity.into());
+        }
         let vm = self.vm(name)?;
         let op = vm.op.lock().await;
         let failed = |detail: String| AgentError::MigrationFailed {
@@ -117,6 +153,81 @@ impl Manager {
         };
         let qmp = qmp.ok_or_else(|| failed("QEMU is not connected".into()))?;
         let id = format!("{name}-{:08x}", rand_id());
+        let control = Arc::new(MigrationControl {
+            progress: Mutex::new(MigrationProgress {
+                to: to.into(),
+                status: "preparing".into(),
+                ..Default::default()
+            }),
+            cancel: tokio::sync::watch::channel(false).0,
+            stream_bytes: Default::default(),
+            wire_bytes: Default::default(),
+        });
+        lock(&self.migrations).insert(name.to_string(), control.clone());
+        let result = self
+            .migrate_inner(name, to, id, &vm, op, qmp, spec, accel, &control, started)
+            .await;
+        lock(&self.migrations).remove(name);
+        result
+    }
+
+    /// The progress of VM `name`'s migration.
+    pub fn migration(&self, name: &str) -> Result<MigrationProgress, AgentError> {
+        let c = lock(&self.migrations).get(name).cloned();
+        match c {
+            Some(c) => {
+                let mut p = lock(&c.progress).clone();
+                p.wire_bytes = c.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+                Ok(p)
+            }
+            None => Err(self.no_migration(name)),
+        }
+    }
+
+    /// Cancels VM `name`'s migration: it runs on here. Once the
+    /// switch-over has begun, it can no longer be cancelled.
+    pub fn cancel_migration(&self, name: &str) -> Result<(), AgentError> {
+        let c = lock(&self.migrations).get(name).cloned();
+        match c {
+            Some(c) => {
+                c.cancel.send_replace(true);
+                Ok(())
+            }
+            None => Err(self.no_migration(name)),
+        }
+    }
+
+    fn no_migration(&self, name: &str) -> AgentError {
+        match self.vm(name) {
+            Err(e) => e,
+            Ok(vm) => AgentError::InvalidState {
+                name: name.into(),
+                op: "show or cancel the migration of",
+                state: vm.state(),
+                hint: " (no migration of it is running)",
+            },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn migrate_inner(
+        self: &Arc<Self>,
+        name: &str,
+        to: &str,
+        id: String,
+        vm: &Arc<crate::manager::Vm>,
+        op: tokio::sync::MutexGuard<'_, ()>,
+        qmp: Arc<Qmp>,
+        spec: VmSpec,
+        accel: String,
+        control: &Arc<MigrationControl>,
+        started: Instant,
+    ) -> Result<MigrationReport, AgentError> {
+        let peers = self.peers.clone().ok_or(PeerError::NoIdentity)?;
+        let failed = |detail: String| AgentError::MigrationFailed {
+            name: name.into(),
+            detail,
+        };
         let prepare = serde_json::to_vec(&Prepare {
             id: id.clone(),
             spec: spec.clone(),
@@ -143,7 +254,7 @@ impl Manager {
         };
 
         let sent = self
-            .send_stream(&vm.dir, &qmp, &peers, to, &id, spec.memory_bytes)
+            .send_stream(&vm.dir, &qmp, &peers, to, &id, spec.memory_bytes, control)
             .await;
         let (stats, rounds, downtime) = match sent {
             Ok(v) => v,
@@ -154,6 +265,7 @@ impl Manager {
             }
         };
         let paused_at = Instant::now();
+        lock(&control.progress).status = "switch-over".into();
         let commit = peers
             .request(
                 to,
@@ -217,6 +329,7 @@ impl Manager {
         to: &str,
         id: &str,
         memory_bytes: u64,
+        control: &Arc<MigrationControl>,
     ) -> Result<(WireStats, u64, Option<u64>), String> {
         let sock = dir.join("migrate.sock");
         let _ = std::fs::remove_file(&sock);
@@ -230,6 +343,9 @@ impl Manager {
         let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
         let cfg = TransportConfig {
             window_bytes: bdp.clamp(4 << 20, 64 << 20),
+            // A destination gone this long fails the migration: the VM
+            // runs on here.
+            resume_timeout: Duration::from_secs(15),
             ..TransportConfig::default()
         };
         let session = peers
@@ -263,7 +379,8 @@ impl Manager {
             .map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(&sock);
         let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
-        let encoder = tokio::task::spawn_blocking(move || encode_stream(conn, tx));
+        let counters = control.clone();
+        let encoder = tokio::task::spawn_blocking(move || encode_stream(conn, tx, &counters));
         let transfer_name = format!("migrate/{id}");
         let transfer = session.send(
             &transfer_name,
@@ -277,9 +394,33 @@ impl Manager {
             let stats = encoder.await.map_err(|e| e.to_string())??;
             Ok::<_, String>((report, stats))
         };
-        let (report, stats) = result.await.inspect_err(|_| {
-            session.close();
-        })?;
+        let mut cancel = control.cancel.subscribe();
+        let watch = async {
+            let t0 = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Ok(s) = qmp.execute("query-migrate", None).await {
+                    let ram = &s["ram"];
+                    let rate = ram["mbps"].as_f64().unwrap_or(0.0) * 1e6;
+                    let remaining = ram["remaining"].as_u64().unwrap_or(0);
+                    let mut p = lock(&control.progress);
+                    p.status = s["status"].as_str().unwrap_or("?").into();
+                    p.round = ram["dirty-sync-count"].as_u64().unwrap_or(0);
+                    p.stream_bytes = ram["transferred"].as_u64().unwrap_or(0);
+                    p.remaining_bytes = remaining;
+                    p.rate_bps = rate;
+                    p.expected_downtime_ms = s["expected-downtime"].as_u64().unwrap_or(0);
+                    p.elapsed_secs = t0.elapsed().as_secs_f64();
+                    p.eta_secs = (rate > 0.0).then(|| remaining as f64 * 8.0 / rate);
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = result => r,
+            _ = cancel.wait_for(|c| *c) => Err("cancelled".to_string()),
+            _ = watch => Err("the progress watcher ended".to_string()),
+        };
+        let (report, stats) = outcome.inspect_err(|_| session.close())?;
         session.close();
         let status = qmp.execute("query-migrate", None).await.map_err(q)?;
         if status["status"] != "completed" {
@@ -342,12 +483,28 @@ impl Manager {
         }
         self.create(p.spec.clone(), false).await?;
         let vm = self.vm(&p.spec.name)?;
+        {
+            let mut c = lock(&vm.cell);
+            c.rec.incoming = true;
+            c.rec.state = VmState::Starting;
+            self.persist(&vm, &c);
+        }
         let sock = vm.dir.join("incoming.sock");
         let _ = std::fs::remove_file(&sock);
         let mut spec = vm.launch_spec(&p.spec, accel, Some(sock.clone()));
         spec.start_paused = true;
         let launched = match launch(&self.qemu, &spec, self.cfg.qmp_timeout).await {
-            Ok(l) => l,
+            Ok(l) => {
+                let mut c = lock(&vm.cell);
+                c.rec.runtime = Some(crate::store::Runtime {
+                    pid: l.pid,
+                    accel: accel.to_string(),
+                    started_unix_ms: 0,
+                });
+                self.persist(&vm, &c);
+                drop(c);
+                l
+            }
             Err(source) => {
                 let _ = self.delete(&p.spec.name, true).await;
                 return Err(AgentError::Qemu {
@@ -466,7 +623,11 @@ impl Manager {
 }
 
 /// Reads QEMU's stream, encodes it for the wire, hands the records on.
-fn encode_stream(mut conn: UnixStream, tx: mpsc::Sender<Vec<u8>>) -> Result<WireStats, String> {
+fn encode_stream(
+    mut conn: UnixStream,
+    tx: mpsc::Sender<Vec<u8>>,
+    counters: &MigrationControl,
+) -> Result<WireStats, String> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     let mut parser = StreamParser::new();
@@ -496,7 +657,14 @@ fn encode_stream(mut conn: UnixStream, tx: mpsc::Sender<Vec<u8>>) -> Result<Wire
             }
         }
         // Hand on what is there at once: QEMU has sync points.
+        counters.stream_bytes.store(
+            parser.consumed_bytes(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if !out.is_empty() {
+            counters
+                .wire_bytes
+                .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let chunk = std::mem::replace(&mut out, Vec::with_capacity(2 << 20));
             if tx.blocking_send(chunk).is_err() {
                 return Err("the transfer to the destination ended".into());

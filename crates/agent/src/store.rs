@@ -64,6 +64,10 @@ pub struct VmRecord {
     pub state: VmState,
     pub runtime: Option<Runtime>,
     pub last_error: Option<String>,
+    /// Set while the VM is the destination of a migration that has not
+    /// switched over: such a VM is removed if the agent restarts.
+    #[serde(default)]
+    pub incoming: bool,
 }
 
 pub struct Store {
@@ -144,6 +148,7 @@ mod tests {
                 started_unix_ms: 5,
             }),
             last_error: None,
+            incoming: false,
         }
     }
 

@@ -177,6 +177,17 @@ impl Client {
             .await
     }
 
+    pub async fn migration(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        let p = format!("/v1/vms/{name}/migration");
+        self.json(self.http.get(self.url(&p)), &p).await
+    }
+
+    pub async fn cancel_migration(&self, name: &str) -> Result<(), ClientError> {
+        let p = format!("/v1/vms/{name}/migration/cancel");
+        self.send(self.http.post(self.url(&p)), &p).await?;
+        Ok(())
+    }
+
     pub async fn replicate(&self, id: &str, to: &str) -> Result<CheckpointInfo, ClientError> {
         let p = format!("/v1/checkpoints/{id}/replicate");
         let body = crate::types::ReplicateRequest { to: to.into() };

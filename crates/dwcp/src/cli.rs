@@ -115,8 +115,12 @@ enum VmAction {
     /// Move a running VM to another node, live (see `dwcp node list`).
     Migrate {
         name: String,
-        #[arg(long, value_name = "NODE")]
-        to: String,
+        #[arg(long, value_name = "NODE", required_unless_present = "cancel")]
+        to: Option<String>,
+        /// Cancel the VM's running migration instead (it runs on here).
+        #[arg(long, conflicts_with = "to")]
+        cancel: bool,
+        /// Print only the JSON summary at the end.
         #[arg(long)]
         json: bool,
     },
@@ -460,13 +464,50 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        VmAction::Migrate { name, to, json } => {
+        VmAction::Migrate {
+            name,
+            to,
+            cancel,
+            json,
+        } => {
+            if cancel {
+                c.cancel_migration(&name).await?;
+                println!("cancelling the migration of VM {name}; it runs on here");
+                return Ok(());
+            }
+            let to = to.unwrap_or_default();
             if !json {
                 eprintln!(
                     "migrating VM {name} to {to} (it keeps running until the switch-over) ..."
                 );
             }
-            let r = c.migrate(&name, &to).await?;
+            let run = c.migrate(&name, &to);
+            tokio::pin!(run);
+            let r = loop {
+                tokio::select! {
+                    r = &mut run => break r?,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                        if json {
+                            continue;
+                        }
+                        if let Ok(p) = c.migration(&name).await {
+                            let n = |k: &str| p[k].as_u64().unwrap_or(0);
+                            eprintln!(
+                                "  {:>5.1} s  {:<11} round {:>2}  sent {:>10}  wire {:>10}  dirty {:>10}  {:>7.1} Mbit/s  downtime ~{} ms  ETA {}",
+                                p["elapsed_secs"].as_f64().unwrap_or(0.0),
+                                p["status"].as_str().unwrap_or("?"),
+                                n("round"),
+                                format_bytes(n("stream_bytes")),
+                                format_bytes(n("wire_bytes")),
+                                format_bytes(n("remaining_bytes")),
+                                p["rate_bps"].as_f64().unwrap_or(0.0) / 1e6,
+                                n("expected_downtime_ms"),
+                                p["eta_secs"].as_f64().map_or("-".into(), |e| format!("{e:.0} s")),
+                            );
+                        }
+                    }
+                }
+            };
             if json {
                 print_json(&r)?;
             } else {

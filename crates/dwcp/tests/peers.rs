@@ -344,6 +344,150 @@ fn live_migration_keeps_the_guest_counting() {
     assert_eq!(beta.state("web"), "running");
 }
 
+/// Two agents on a slow link (so a migration takes a while).
+fn slow_pair(tag: &str) -> (Lab, tempfile::TempDir, Agent, Agent) {
+    let name = format!("{tag}{}", std::process::id() % 100_000);
+    let mut cfg = LabConfig::new(&name, &["a", "b"]);
+    cfg.all = [("rate", "8mbit"), ("delay", "25ms")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lab = Lab::up(cfg).expect("lab up");
+    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = |p: &str| tmp.path().join(p).display().to_string();
+    dwcp(&["cluster", "init", "--dir", &path("ca")]);
+    for n in ["alpha", "beta"] {
+        dwcp(&[
+            "cluster",
+            "issue",
+            "--dir",
+            &path("ca"),
+            "--node",
+            n,
+            "--out",
+            &path(n),
+        ]);
+    }
+    let start = |node: &str, host: &str, me: String, other: String| {
+        let args = [
+            "--accel",
+            "tcg",
+            "--identity",
+            &path(node),
+            "--amst-listen",
+            &me,
+            "--peer",
+            &other,
+        ];
+        Agent::start_netns(
+            &tmp.path().join(format!("data-{node}")),
+            &args,
+            Some(&lab.config().netns(host)),
+        )
+    };
+    let alpha = start(
+        "alpha",
+        "a",
+        format!("{a_ip}:7481"),
+        format!("beta={b_ip}:7481"),
+    );
+    let beta = start(
+        "beta",
+        "b",
+        format!("{b_ip}:7481"),
+        format!("alpha={a_ip}:7481"),
+    );
+    (lab, tmp, alpha, beta)
+}
+
+/// Starts `dwcp vm migrate web --to beta` on alpha in the background, once
+/// the guest counts; returns it when the destination holds the VM.
+fn start_migration(alpha: &Agent, beta: &Agent) -> std::process::Child {
+    alpha.create_guest(
+        "web",
+        "dwcp.mem_mb=32 dwcp.fill=random dwcp.dirty_pages=200",
+    );
+    alpha.wait_tick("web", 2, Duration::from_secs(90));
+    let child = alpha.spawn_cli(&["vm", "migrate", "web", "--to", "beta"]);
+    wait_for(
+        "the destination to prepare",
+        Duration::from_secs(30),
+        || beta.ok(&["vm", "list"]).contains("web").then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    child
+}
+
+fn runs_on(agent: &Agent, vm: &str) {
+    assert_eq!(agent.state(vm), "running");
+    let t = last_tick(&agent.console(vm)).expect("ticks");
+    agent.wait_tick(vm, t + 2, Duration::from_secs(60));
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_vm_where_it_was() {
+    let (_lab, _tmp, alpha, beta) = slow_pair("c");
+    let child = start_migration(&alpha, &beta);
+    let out = alpha.ok(&["vm", "migrate", "web", "--cancel"]);
+    assert!(out.contains("cancelling"), "{out}");
+    let out = child.wait_with_output().expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cancelled") && err.contains("[migration_failed]"),
+        "{err}"
+    );
+    runs_on(&alpha, "web");
+    wait_for(
+        "the destination to drop the VM",
+        Duration::from_secs(30),
+        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
+    );
+    let err = alpha.fails(&["vm", "migrate", "web", "--cancel"]);
+    assert!(err.contains("no migration of it is running"), "{err}");
+}
+
+#[test]
+fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
+    let (lab, tmp, alpha, mut beta) = slow_pair("k");
+    let child = start_migration(&alpha, &beta);
+    beta.signal_and_wait(libc::SIGKILL);
+    let out = child.wait_with_output().expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("[migration_failed]"),
+        "{err}"
+    );
+    runs_on(&alpha, "web");
+    // The destination, restarted, drops its half of the migration.
+    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
+    let path = |p: &str| tmp.path().join(p).display().to_string();
+    let beta = Agent::start_netns(
+        &tmp.path().join("data-beta"),
+        &[
+            "--accel",
+            "tcg",
+            "--identity",
+            &path("beta"),
+            "--amst-listen",
+            &format!("{b_ip}:7481"),
+            "--peer",
+            &format!("alpha={a_ip}:7481"),
+        ],
+        Some(&lab.config().netns("b")),
+    );
+    wait_for(
+        "the half-migrated VM to be removed",
+        Duration::from_secs(30),
+        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
+    );
+    assert!(
+        beta.log().contains("incoming migration interrupted"),
+        "{}",
+        beta.log()
+    );
+}
+
 #[test]
 fn peers_without_a_certificate_are_refused_at_start() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -143,6 +143,18 @@ impl Agent {
             .expect("run dwcp")
     }
 
+    /// Starts `dwcp ARGS` against this agent without waiting.
+    pub fn spawn_cli(&self, args: &[&str]) -> std::process::Child {
+        command_in(self.netns.as_deref())
+            .args(args)
+            .env("DWCP_API", &self.url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run dwcp")
+    }
+
     /// Runs the CLI and expects success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
