@@ -312,7 +312,7 @@ impl Manager {
                 );
                 let mut c = lock(&vm.cell);
                 c.rec.last_error = Some(why.clone());
-                self.persist(&vm, &c);
+                self.persist(vm, &c);
                 Err(failed(why))
             }
         }
@@ -321,6 +321,7 @@ impl Manager {
     /// Runs QEMU's migration into a local socket and relays it to the
     /// destination. Returns the encoder's figures, QEMU's rounds and
     /// downtime once QEMU completed and the destination has every byte.
+    #[allow(clippy::too_many_arguments)]
     async fn send_stream(
         &self,
         dir: &std::path::Path,
