@@ -343,7 +343,8 @@ impl Manager {
             .unwrap_or((Duration::from_millis(100), 100e6));
         let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
         let cfg = TransportConfig {
-            window_bytes: bdp.clamp(4 << 20, 64 << 20),
+            window_bytes: bdp.clamp(1 << 20, 64 << 20),
+            link_rate_hint: rate as u64,
             // A destination gone this long fails the migration: the VM
             // runs on here.
             resume_timeout: Duration::from_secs(15),
@@ -379,7 +380,7 @@ impl Manager {
             .and_then(|c| c.set_nonblocking(false).map(|_| c))
             .map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(&sock);
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
         let counters = control.clone();
         let encoder = tokio::task::spawn_blocking(move || encode_stream(conn, tx, &counters));
         let transfer_name = format!("migrate/{id}");

@@ -655,7 +655,9 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), Tr
     // out again on an idle connection.
     let hedge = (rtt * 4).max(Duration::from_millis(300));
     lock(&inner.core).set_hedge_after(Some(hedge.as_nanos() as u64));
-    lock(&inner.core).set_window(window);
+    // The smaller of what the receiver can hold and what this sender wants
+    // in flight (a migration keeps it near one BDP).
+    lock(&inner.core).set_window(window.min(inner.cfg.window_bytes));
     tracing::info!(peer = %peer, conn, congestion = %algo, "connection up");
     Ok(((conn, tls), rest))
 }
