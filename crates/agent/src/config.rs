@@ -114,7 +114,7 @@ impl Default for AgentConfig {
             amst_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_AMST_PORT)),
             peers: BTreeMap::new(),
             probe_interval: Duration::from_secs(10),
-            probe_bytes: 4 << 20,
+            probe_bytes: 1 << 20,
         }
     }
 }

@@ -259,6 +259,7 @@ impl Manager {
         let (stats, rounds, downtime) = match sent {
             Ok(v) => v,
             Err(detail) => {
+                lock(&control.progress).status = "aborting".into();
                 recover_source(&qmp, name, true).await;
                 abort_remote(&detail).await;
                 return Err(failed(detail));
