@@ -57,6 +57,8 @@ pub struct MigrationReport {
     pub saved_by_compression_bytes: u64,
     pub pages: u64,
     pub ref_pages: u64,
+    /// Pages the destination already held (from a replicated checkpoint).
+    pub pages_known_at_destination: u64,
     /// Rounds of dirty-page sync QEMU went through.
     pub rounds: u64,
     /// QEMU's own downtime figure (taken at the source).
@@ -234,9 +236,12 @@ impl Manager {
             accel,
         })
         .map_err(|e| failed(e.to_string()))?;
-        peers
+        let answer = peers
             .request(to, "migrate-prepare", prepare, Duration::from_secs(60))
             .await?;
+        // Pages the destination holds already (a replicated checkpoint).
+        let known = dwcp_hde::replica::decode_digests(&answer).unwrap_or_default();
+        let known_count = known.len() as u64;
         tracing::info!(vm = %name, %to, %id, "migration prepared at the destination");
 
         let abort_remote = |why: &str| {
@@ -254,7 +259,16 @@ impl Manager {
         };
 
         let sent = self
-            .send_stream(&vm.dir, &qmp, &peers, to, &id, spec.memory_bytes, control)
+            .send_stream(
+                &vm.dir,
+                &qmp,
+                &peers,
+                to,
+                &id,
+                spec.memory_bytes,
+                control,
+                known,
+            )
             .await;
         let (stats, rounds, downtime) = match sent {
             Ok(v) => v,
@@ -293,6 +307,7 @@ impl Manager {
                     saved_by_compression_bytes: stats.saved_by_compression,
                     pages: stats.pages,
                     ref_pages: stats.ref_pages,
+                    pages_known_at_destination: known_count,
                     rounds,
                     qemu_downtime_ms: downtime,
                     switchover_ms,
@@ -332,6 +347,7 @@ impl Manager {
         id: &str,
         memory_bytes: u64,
         control: &Arc<MigrationControl>,
+        known: Vec<dwcp_hde::Digest>,
     ) -> Result<(WireStats, u64, Option<u64>), String> {
         let sock = dir.join("migrate.sock");
         let _ = std::fs::remove_file(&sock);
@@ -383,7 +399,8 @@ impl Manager {
         let _ = std::fs::remove_file(&sock);
         let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
         let counters = control.clone();
-        let encoder = tokio::task::spawn_blocking(move || encode_stream(conn, tx, &counters));
+        let encoder =
+            tokio::task::spawn_blocking(move || encode_stream(conn, tx, &counters, known));
         let transfer_name = format!("migrate/{id}");
         let transfer = session.send(
             &transfer_name,
@@ -456,10 +473,19 @@ impl Manager {
             "migrate-prepare" => {
                 let p: Prepare =
                     serde_json::from_slice(body).map_err(|e| format!("bad request: {e}"))?;
+                let vm = p.spec.name.clone();
                 self.prepare_incoming(peer, p)
                     .await
                     .map_err(|e| crate::format_chain(&e))?;
-                Ok(Vec::new())
+                // Offer what the store holds of this VM: those pages need
+                // not travel.
+                let pages = self.pages.clone();
+                let known = tokio::task::spawn_blocking(move || pages.latest_pages_of(&vm))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                Ok(dwcp_hde::replica::encode_digests(&known))
             }
             "migrate-commit" => self.commit_incoming(&id()?).await.map(|_| Vec::new()),
             "migrate-abort" => {
@@ -517,6 +543,7 @@ impl Manager {
             }
         };
         let incoming = peers.expect(&format!("migrate/{}", p.id));
+        let pages = self.pages.clone();
         let from = peer.to_string();
         let fed = tokio::spawn(async move {
             let mut inc = tokio::time::timeout(Duration::from_secs(60), incoming)
@@ -526,7 +553,7 @@ impl Manager {
             let mut qemu = tokio::net::UnixStream::connect(&sock)
                 .await
                 .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
-            let mut dec = WireDecoder::new();
+            let mut dec = WireDecoder::with_store(pages);
             let mut out = Vec::new();
             let mut total = 0u64;
             while let Some(c) = inc.chunks.recv().await {
@@ -630,11 +657,13 @@ fn encode_stream(
     mut conn: UnixStream,
     tx: mpsc::Sender<Vec<u8>>,
     counters: &MigrationControl,
+    known: Vec<dwcp_hde::Digest>,
 ) -> Result<WireStats, String> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     let mut parser = StreamParser::new();
     let mut enc = WireEncoder::new(1).map_err(|e| e.to_string())?;
+    enc.receiver_has(known);
     let mut buf = vec![0u8; 1 << 20];
     let mut out = Vec::with_capacity(2 << 20);
     let mut names: Vec<String> = Vec::new();

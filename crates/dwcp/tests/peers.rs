@@ -344,6 +344,90 @@ fn live_migration_keeps_the_guest_counting() {
     assert_eq!(beta.state("web"), "running");
 }
 
+#[test]
+fn a_replica_at_the_destination_leaves_little_to_send() {
+    let name = format!("h{}", std::process::id() % 100_000);
+    let mut cfg = LabConfig::new(&name, &["a", "b"]);
+    cfg.all = [("rate", "100mbit"), ("delay", "25ms"), ("loss", "0.5%")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lab = Lab::up(cfg).expect("lab up");
+    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = |p: &str| tmp.path().join(p).display().to_string();
+    dwcp(&["cluster", "init", "--dir", &path("ca")]);
+    for n in ["alpha", "beta"] {
+        dwcp(&[
+            "cluster",
+            "issue",
+            "--dir",
+            &path("ca"),
+            "--node",
+            n,
+            "--out",
+            &path(n),
+        ]);
+    }
+    let start = |node: &str, host: &str, me: String, other: String| {
+        let args = [
+            "--accel",
+            "tcg",
+            "--identity",
+            &path(node),
+            "--amst-listen",
+            &me,
+            "--peer",
+            &other,
+        ];
+        Agent::start_netns(
+            &tmp.path().join(format!("data-{node}")),
+            &args,
+            Some(&lab.config().netns(host)),
+        )
+    };
+    let alpha = start(
+        "alpha",
+        "a",
+        format!("{a_ip}:7481"),
+        format!("beta={b_ip}:7481"),
+    );
+    let beta = start(
+        "beta",
+        "b",
+        format!("{b_ip}:7481"),
+        format!("alpha={a_ip}:7481"),
+    );
+    alpha.create_guest(
+        "web",
+        "dwcp.mem_mb=32 dwcp.fill=random dwcp.dirty_pages=300",
+    );
+    alpha.wait_tick("web", 2, Duration::from_secs(90));
+    alpha.ok(&["vm", "checkpoint", "web", "--replicate-to", "beta"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let r: Value =
+        serde_json::from_str(&alpha.ok(&["vm", "migrate", "web", "--to", "beta", "--json"]))
+            .expect("json");
+    eprintln!("migration with a replica: {r}");
+    let (wire, stream) = (
+        r["wire_bytes"].as_u64().expect("wire"),
+        r["stream_bytes"].as_u64().expect("stream"),
+    );
+    assert!(
+        r["pages_known_at_destination"].as_u64().expect("known") > 8000,
+        "{r}"
+    );
+    // Random pages do not compress: without the replica the wire would
+    // carry about the whole stream.
+    assert!(
+        wire * 5 < stream,
+        "{wire} on the wire for a {stream}-byte stream: {r}"
+    );
+    assert_eq!(beta.state("web"), "running");
+    let t = beta.wait_tick("web", 0, Duration::from_secs(60));
+    beta.wait_tick("web", t + 2, Duration::from_secs(60));
+}
+
 /// Two agents on a slow link (so a migration takes a while).
 fn slow_pair(tag: &str) -> (Lab, tempfile::TempDir, Agent, Agent) {
     let name = format!("{tag}{}", std::process::id() % 100_000);

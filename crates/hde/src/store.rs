@@ -471,6 +471,23 @@ impl PageStore {
         Ok(report)
     }
 
+    /// The distinct non-zero page digests of the newest checkpoint of a VM
+    /// named `vm` (taken here or replicated from elsewhere): what a
+    /// migration of that VM to this node need not send.
+    pub fn latest_pages_of(&self, vm: &str) -> Result<Vec<Digest>, HdeError> {
+        let Some(m) = self.list()?.into_iter().rev().find(|m| m.vm == vm) else {
+            return Ok(Vec::new());
+        };
+        let (_, map) = self.page_map(&m.id)?;
+        let zero = Digest::zero_page();
+        let set: HashSet<Digest> = map
+            .iter()
+            .map(|(_, _, d)| *d)
+            .filter(|d| *d != zero)
+            .collect();
+        Ok(set.into_iter().collect())
+    }
+
     /// Allocates the next checkpoint id of `vm` (`VM@N`).
     pub(crate) fn next_id(&self, vm: &str) -> Result<String, HdeError> {
         let tx = self.db()?.begin_write()?;

@@ -155,6 +155,9 @@ pub struct WireDecoder {
     writer: StreamWriter,
     /// Pages received, in their encoded form, for references.
     pages: HashMap<Digest, Vec<u8>>,
+    /// Where references to pages not sent in this migration are found
+    /// (the pages this node offered from its store).
+    store: Option<std::sync::Arc<crate::PageStore>>,
 }
 
 impl Default for WireDecoder {
@@ -169,6 +172,15 @@ impl WireDecoder {
             buf: Vec::new(),
             writer: StreamWriter::new(),
             pages: HashMap::new(),
+            store: None,
+        }
+    }
+
+    /// A decoder that also finds referenced pages in `store`.
+    pub fn with_store(store: std::sync::Arc<crate::PageStore>) -> WireDecoder {
+        WireDecoder {
+            store: Some(store),
+            ..WireDecoder::new()
         }
     }
 
@@ -252,10 +264,20 @@ impl WireDecoder {
                     return Ok(None);
                 }
                 let d = crate::store::digest_from(&b[12..44]);
-                let obj = self.pages.get(&d).ok_or_else(|| {
-                    HdeError::Stream(format!("a reference to page {d}, never sent"))
-                })?;
-                (PageData::Full(decode_checked(obj, &d)?), 44)
+                let page = match (self.pages.get(&d), &self.store) {
+                    (Some(obj), _) => decode_checked(obj, &d)?,
+                    (None, Some(store)) => store.read_page(&d)?.ok_or_else(|| {
+                        HdeError::Stream(format!(
+                            "a reference to page {d}, never sent and not stored here"
+                        ))
+                    })?,
+                    (None, None) => {
+                        return Err(HdeError::Stream(format!(
+                            "a reference to page {d}, never sent"
+                        )))
+                    }
+                };
+                (PageData::Full(page), 44)
             }
             TAG_OBJECT => {
                 if b.len() < 48 {
