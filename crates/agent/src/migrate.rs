@@ -57,6 +57,8 @@ pub struct MigrationReport {
     pub saved_by_compression_bytes: u64,
     pub pages: u64,
     pub ref_pages: u64,
+    /// Pages sent as a delta against the version the destination held.
+    pub delta_pages: u64,
     /// Pages the destination already held (from a replicated checkpoint).
     pub pages_known_at_destination: u64,
     /// Rounds of dirty-page sync QEMU went through.
@@ -242,6 +244,28 @@ impl Manager {
         // Pages the destination holds already (a replicated checkpoint).
         let known = dwcp_hde::replica::decode_digests(&answer).unwrap_or_default();
         let known_count = known.len() as u64;
+        // Where the destination's versions of pages are found here: our
+        // newest checkpoint of the VM, for the pages the destination has.
+        let slots = {
+            let pages = self.pages.clone();
+            let set: std::collections::HashSet<dwcp_hde::Digest> = known.iter().copied().collect();
+            let vm_name = name.to_string();
+            tokio::task::spawn_blocking(move || -> Vec<((u16, u64), dwcp_hde::Digest)> {
+                let Ok(Some(m)) = pages.latest_for(&vm_name) else {
+                    return Vec::new();
+                };
+                let Ok((_, map)) = pages.page_map(&m.id) else {
+                    return Vec::new();
+                };
+                map.iter()
+                    .filter(|(_, _, d)| set.contains(d))
+                    .map(|(b, p, d)| ((b as u16, p as u64), *d))
+                    .collect()
+            })
+            .await
+            .unwrap_or_default()
+        };
+        let known = (known, slots, self.pages.clone());
         tracing::info!(vm = %name, %to, %id, "migration prepared at the destination");
 
         let abort_remote = |why: &str| {
@@ -307,6 +331,7 @@ impl Manager {
                     saved_by_compression_bytes: stats.saved_by_compression,
                     pages: stats.pages,
                     ref_pages: stats.ref_pages,
+                    delta_pages: stats.delta_pages,
                     pages_known_at_destination: known_count,
                     rounds,
                     qemu_downtime_ms: downtime,
@@ -347,7 +372,7 @@ impl Manager {
         id: &str,
         memory_bytes: u64,
         control: &Arc<MigrationControl>,
-        known: Vec<dwcp_hde::Digest>,
+        known: Known,
     ) -> Result<(WireStats, u64, Option<u64>), String> {
         let sock = dir.join("migrate.sock");
         let _ = std::fs::remove_file(&sock);
@@ -553,7 +578,10 @@ impl Manager {
             let mut qemu = tokio::net::UnixStream::connect(&sock)
                 .await
                 .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
-            let mut dec = WireDecoder::with_store(pages);
+            let mut dec = match pages.snapshot() {
+                Ok(r) => WireDecoder::with_store(r),
+                Err(_) => WireDecoder::new(),
+            };
             let mut out = Vec::new();
             let mut total = 0u64;
             while let Some(c) = inc.chunks.recv().await {
@@ -652,18 +680,30 @@ impl Manager {
     }
 }
 
+/// What the destination holds: page digests, and per page slot the version
+/// it has (whose content is in our store).
+type Known = (
+    Vec<dwcp_hde::Digest>,
+    Vec<((u16, u64), dwcp_hde::Digest)>,
+    Arc<dwcp_hde::PageStore>,
+);
+
 /// Reads QEMU's stream, encodes it for the wire, hands the records on.
 fn encode_stream(
     mut conn: UnixStream,
     tx: mpsc::Sender<Vec<u8>>,
     counters: &MigrationControl,
-    known: Vec<dwcp_hde::Digest>,
+    known: Known,
 ) -> Result<WireStats, String> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     let mut parser = StreamParser::new();
     let mut enc = WireEncoder::new(1).map_err(|e| e.to_string())?;
-    enc.receiver_has(known);
+    let (digests, slots, store) = known;
+    enc.receiver_has(digests);
+    if let Ok(reader) = store.snapshot() {
+        enc.receiver_slots(slots, reader);
+    }
     let mut buf = vec![0u8; 1 << 20];
     let mut out = Vec::with_capacity(2 << 20);
     let mut names: Vec<String> = Vec::new();

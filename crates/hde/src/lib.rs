@@ -41,7 +41,7 @@ pub use checkpoint::CheckpointWriter;
 pub use manifest::{CheckpointStats, Manifest, PageMap};
 pub use replica::ReplicaOffer;
 pub use restore::RestoreStream;
-pub use store::{Health, PageStore, StoreUsage, VerifyReport};
+pub use store::{Health, PageReader, PageStore, StoreUsage, VerifyReport};
 
 /// BLAKE3 digest of an object's content.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

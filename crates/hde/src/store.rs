@@ -501,6 +501,18 @@ impl PageStore {
         Ok(format!("{vm}@{n}"))
     }
 
+    /// A reader of pages on a snapshot of the store (one transaction for
+    /// many reads, with the pack cache).
+    pub fn snapshot(&self) -> Result<PageReader, HdeError> {
+        let tx = self.db()?.begin_read()?;
+        Ok(PageReader {
+            reader: std::sync::Mutex::new(ObjectReader::new(
+                tx.open_table(INDEX)?,
+                tx.open_table(PACKS)?,
+            )),
+        })
+    }
+
     /// Reads one stored page by digest, checked (for tests and tools).
     pub fn read_page(&self, digest: &Digest) -> Result<Option<Box<Page>>, HdeError> {
         let tx = self.db()?.begin_read()?;
@@ -519,6 +531,24 @@ fn open_db(path: &Path) -> Result<Database, HdeError> {
         path: path.display().to_string(),
         source: Box::new(source),
     })
+}
+
+/// Pages read from one snapshot of the store (see [`PageStore::snapshot`]).
+pub struct PageReader {
+    reader: std::sync::Mutex<crate::objects::SnapshotReader>,
+}
+
+impl PageReader {
+    /// A page by digest, checked; `None` when the store does not hold it.
+    pub fn page(&self, d: &Digest) -> Result<Option<Box<Page>>, HdeError> {
+        let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        match r.page(d) {
+            Ok(p) => Ok(Some(p)),
+            Err(PageProblem::Missing) => Ok(None),
+            Err(PageProblem::Corrupt(s)) => Err(HdeError::Stream(format!("page {d}: {s}"))),
+            Err(PageProblem::Store(e)) => Err(e),
+        }
+    }
 }
 
 pub(crate) fn describe(p: PageProblem) -> String {

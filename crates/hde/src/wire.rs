@@ -37,14 +37,29 @@ pub struct WireStats {
     pub object_pages: u64,
     /// Stream bytes saved by references.
     pub saved_by_dedup: u64,
-    /// Stream bytes saved by compression.
+    /// Stream bytes saved by compression (deltas included).
     pub saved_by_compression: u64,
+    /// Pages sent as a delta against the version the receiver holds.
+    pub delta_pages: u64,
 }
+
+/// Pages kept by the encoder as delta bases for pages dirtied again.
+const BASE_CACHE_PAGES: usize = 16 * 1024;
 
 pub struct WireEncoder {
     encoder: Encoder,
     sent: HashSet<Digest>,
     stats: WireStats,
+    /// Per page slot, the version the receiver holds (a delta base).
+    slots: HashMap<(u16, u64), Digest>,
+    /// Contents of recently sent pages, for deltas.
+    cache: HashMap<Digest, Box<codec::Page>>,
+    cache_order: std::collections::VecDeque<Digest>,
+    /// Where contents of the receiver's pages are found (this node's copy
+    /// of the checkpoint the receiver holds).
+    store: Option<crate::PageReader>,
+    /// Delta depth of the objects sent, so chains stay short.
+    depths: HashMap<Digest, u8>,
 }
 
 impl WireEncoder {
@@ -53,7 +68,45 @@ impl WireEncoder {
             encoder: Encoder::new(level)?,
             sent: HashSet::new(),
             stats: WireStats::default(),
+            slots: HashMap::new(),
+            cache: HashMap::new(),
+            cache_order: Default::default(),
+            store: None,
+            depths: HashMap::new(),
         })
+    }
+
+    /// The receiver holds, for these page slots (block, page index), the
+    /// versions with these digests, whose contents are in `store` here:
+    /// changed pages are sent as deltas against them.
+    pub fn receiver_slots(
+        &mut self,
+        slots: impl IntoIterator<Item = ((u16, u64), Digest)>,
+        store: crate::PageReader,
+    ) {
+        self.slots.extend(slots);
+        self.store = Some(store);
+    }
+
+    fn base(&mut self, slot: (u16, u64)) -> Option<(Digest, Box<codec::Page>)> {
+        let d = *self.slots.get(&slot)?;
+        if let Some(p) = self.cache.get(&d) {
+            return Some((d, p.clone()));
+        }
+        let p = self.store.as_ref()?.page(&d).ok()??;
+        Some((d, p))
+    }
+
+    fn remember(&mut self, slot: (u16, u64), d: Digest, page: &codec::Page) {
+        self.slots.insert(slot, d);
+        if self.cache.insert(d, Box::new(*page)).is_none() {
+            self.cache_order.push_back(d);
+            if self.cache_order.len() > BASE_CACHE_PAGES {
+                if let Some(old) = self.cache_order.pop_front() {
+                    self.cache.remove(&old);
+                }
+            }
+        }
     }
 
     /// Content the receiver is known to hold already.
@@ -111,7 +164,19 @@ impl WireEncoder {
                             page_head(out, TAG_REF);
                             out.extend_from_slice(&d.0);
                         } else {
-                            let (obj, _) = self.encoder.page(data, None)?;
+                            let slot = (p.block, p.offset / PAGE_SIZE as u64);
+                            let base = self.base(slot);
+                            let base_depth = base
+                                .as_ref()
+                                .map_or(0, |(bd, _)| self.depths.get(bd).copied().unwrap_or(0));
+                            let (obj, how) = self.encoder.page(
+                                data,
+                                base.as_ref().map(|(bd, bp)| (bd, &**bp, base_depth)),
+                            )?;
+                            if how == codec::Encoding::Delta {
+                                self.stats.delta_pages += 1;
+                                self.depths.insert(d, base_depth + 1);
+                            }
                             self.stats.object_pages += 1;
                             self.stats.saved_by_compression +=
                                 (PAGE_SIZE as u64).saturating_sub(obj.len() as u64);
@@ -120,6 +185,7 @@ impl WireEncoder {
                             out.extend_from_slice(&(obj.len() as u32).to_be_bytes());
                             out.extend_from_slice(&obj);
                             self.sent.insert(d);
+                            self.remember(slot, d, data);
                         }
                     }
                 }
@@ -157,7 +223,7 @@ pub struct WireDecoder {
     pages: HashMap<Digest, Vec<u8>>,
     /// Where references to pages not sent in this migration are found
     /// (the pages this node offered from its store).
-    store: Option<std::sync::Arc<crate::PageStore>>,
+    store: Option<crate::PageReader>,
 }
 
 impl Default for WireDecoder {
@@ -176,8 +242,8 @@ impl WireDecoder {
         }
     }
 
-    /// A decoder that also finds referenced pages in `store`.
-    pub fn with_store(store: std::sync::Arc<crate::PageStore>) -> WireDecoder {
+    /// A decoder that also finds referenced pages in a store snapshot.
+    pub fn with_store(store: crate::PageReader) -> WireDecoder {
         WireDecoder {
             store: Some(store),
             ..WireDecoder::new()
@@ -264,9 +330,9 @@ impl WireDecoder {
                     return Ok(None);
                 }
                 let d = crate::store::digest_from(&b[12..44]);
-                let page = match (self.pages.get(&d), &self.store) {
-                    (Some(obj), _) => decode_checked(obj, &d)?,
-                    (None, Some(store)) => store.read_page(&d)?.ok_or_else(|| {
+                let page = match (self.pages.get(&d).cloned(), &self.store) {
+                    (Some(obj), _) => self.decode_object(&obj, &d)?,
+                    (None, Some(store)) => store.page(&d)?.ok_or_else(|| {
                         HdeError::Stream(format!(
                             "a reference to page {d}, never sent and not stored here"
                         ))
@@ -292,7 +358,7 @@ impl WireDecoder {
                     return Ok(None);
                 }
                 let obj = b[48..48 + n].to_vec();
-                let page = decode_checked(&obj, &d)?;
+                let page = self.decode_object(&obj, &d)?;
                 self.pages.insert(d, obj);
                 (PageData::Full(page), 48 + n)
             }
@@ -311,9 +377,44 @@ impl WireDecoder {
     }
 }
 
-fn decode_checked(obj: &[u8], d: &Digest) -> Result<Box<codec::Page>, HdeError> {
+impl WireDecoder {
+    /// A page object's content, its delta base (if any) taken from this
+    /// migration's pages or the store; checked against its digest.
+    fn decode_object(&self, obj: &[u8], d: &Digest) -> Result<Box<codec::Page>, HdeError> {
+        let base = match codec::head(obj) {
+            Ok(codec::ObjectHead::Delta { base, .. }) => Some(self.page_of(&base, 0)?),
+            _ => None,
+        };
+        decode_checked(obj, d, base)
+    }
+
+    fn page_of(&self, d: &Digest, depth: u8) -> Result<Box<codec::Page>, HdeError> {
+        if depth > codec::MAX_DELTA_DEPTH {
+            return Err(HdeError::Stream(format!("page {d}: delta chain too long")));
+        }
+        if let Some(obj) = self.pages.get(d) {
+            let base = match codec::head(obj) {
+                Ok(codec::ObjectHead::Delta { base, .. }) => Some(self.page_of(&base, depth + 1)?),
+                _ => None,
+            };
+            return decode_checked(obj, d, base);
+        }
+        match &self.store {
+            Some(s) => s
+                .page(d)?
+                .ok_or_else(|| HdeError::Stream(format!("delta base {d} is not here"))),
+            None => Err(HdeError::Stream(format!("delta base {d} is not here"))),
+        }
+    }
+}
+
+fn decode_checked(
+    obj: &[u8],
+    d: &Digest,
+    base: Option<Box<codec::Page>>,
+) -> Result<Box<codec::Page>, HdeError> {
     let page = codec::decode_page(obj, |_| {
-        Err(HdeError::Stream("a delta in a migration".into()))
+        base.ok_or_else(|| HdeError::Stream("a delta without its base".into()))
     })
     .map_err(|e| HdeError::Stream(format!("page {d}: {e}")))?;
     if Digest::of(&page[..]) != *d {
