@@ -385,8 +385,10 @@ impl Manager {
             .unwrap_or((Duration::from_millis(100), 100e6));
         let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
         let cfg = TransportConfig {
-            window_bytes: bdp.clamp(1 << 20, 64 << 20),
-            link_rate_hint: rate as u64,
+            // Probes are short and so underestimate the rate (slow start):
+            // never less than 8 MiB, which still keeps the relay's buffer
+            // within a fraction of a second of the link.
+            window_bytes: (2 * bdp).clamp(8 << 20, 64 << 20),
             // A destination gone this long fails the migration: the VM
             // runs on here.
             resume_timeout: Duration::from_secs(15),
@@ -578,6 +580,7 @@ impl Manager {
             let mut qemu = tokio::net::UnixStream::connect(&sock)
                 .await
                 .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
+            let t0 = Instant::now();
             let mut dec = match pages.snapshot() {
                 Ok(r) => WireDecoder::with_store(r),
                 Err(_) => WireDecoder::new(),
@@ -597,6 +600,11 @@ impl Manager {
                     }
                     Chunk::Done { .. } => {
                         let _ = qemu.flush().await;
+                        tracing::info!(
+                            bytes = total,
+                            secs = t0.elapsed().as_secs_f64(),
+                            "incoming stream fed to QEMU"
+                        );
                         return Ok(total);
                     }
                 }
@@ -617,6 +625,7 @@ impl Manager {
     }
 
     async fn commit_incoming(self: &Arc<Self>, id: &str) -> Result<(), String> {
+        tracing::info!(id, "commit asked");
         let Some(mut m) = lock(&self.incoming).remove(id) else {
             return Err(format!("no incoming migration {id}"));
         };
@@ -629,6 +638,7 @@ impl Manager {
             Ok(_) => wait_loaded(&m.launched.qmp, true, Duration::from_secs(60)).await,
             Err(e) => Err(e.clone()),
         };
+        tracing::info!(id, "incoming migration loaded; starting the guest");
         let started = match loaded {
             Ok(()) => m
                 .launched
