@@ -161,8 +161,26 @@ pub fn decode_blob(bytes: &[u8], limit: usize) -> Result<Vec<u8>, String> {
     }
 }
 
+thread_local! {
+    /// One decompression context per thread: creating one per page cost
+    /// more than decompressing the page.
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn unzstd_into(z: &[u8], out: &mut [u8]) -> Result<(), String> {
-    let n = zstd::bulk::decompress_to_buffer(z, out).map_err(|e| format!("zstd: {e}"))?;
+    let n = DCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?);
+        }
+        match c.as_mut() {
+            Some(d) => d
+                .decompress_to_buffer(z, out)
+                .map_err(|e| format!("zstd: {e}")),
+            None => Err("zstd: no context".to_string()),
+        }
+    })?;
     if n != out.len() {
         return Err(format!("decompressed to {n} bytes, not {}", out.len()));
     }
