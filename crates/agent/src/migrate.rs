@@ -156,7 +156,7 @@ impl Manager {
             (c.qmp.clone(), c.rec.spec.clone(), accel)
         };
         let qmp = qmp.ok_or_else(|| failed("QEMU is not connected".into()))?;
-        let id = format!("{name}-{:08x}", rand_id());
+        let id = format!("{name}-{:08x}", crate::peers::rand_u64() as u32);
         let control = Arc::new(MigrationControl {
             progress: Mutex::new(MigrationProgress {
                 to: to.into(),
@@ -798,10 +798,4 @@ impl AsyncRead for ChanReader {
             }
         }
     }
-}
-
-fn rand_id() -> u32 {
-    let mut b = [0u8; 4];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    u32::from_le_bytes(b) ^ std::process::id()
 }

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dwcp_api::PeerInfo;
 use dwcp_transport::{Chunk, Class, Incoming, Listener, NodeIdentity, Session, TransportConfig};
@@ -26,7 +26,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
 use crate::config::AgentConfig;
-use crate::manager::lock;
+use crate::manager::{lock, now_unix_ms};
 
 /// Name of the transfers that measure a link.
 const PROBE: &str = "probe";
@@ -339,7 +339,7 @@ impl Peers {
     fn update(&self, name: &str, f: impl FnOnce(&mut PeerInfo)) {
         if let Some(p) = lock(&self.state).get_mut(name) {
             f(p);
-            p.probed_unix_ms = Some(now_ms());
+            p.probed_unix_ms = Some(now_unix_ms());
         }
     }
 
@@ -425,20 +425,14 @@ async fn collect(inc: &mut Incoming) -> Result<Vec<u8>, String> {
     Err("abandoned by the sender".into())
 }
 
-fn rand_u64() -> u64 {
+/// A random id (from the kernel; time and pid if that fails).
+pub(crate) fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     if std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
         .is_err()
     {
-        return now_ms() ^ u64::from(std::process::id()) << 32;
+        return now_unix_ms() ^ u64::from(std::process::id()) << 32;
     }
     u64::from_le_bytes(b)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -217,7 +217,8 @@ impl CheckpointWriter<'_> {
             }
             (Phase::Prologue, MetaKind::RamBlocks) => {
                 // The parser announced the blocks; read them back from the bytes.
-                self.blocks = block_list(&bytes)
+                self.blocks = dwcp_vmstream::block_list(&bytes)
+                    .map(|bs| bs.iter().map(BlockInfo::from).collect())
                     .ok_or_else(|| HdeError::Stream("an unreadable RAM block list".into()))?;
                 let map = PageMap::new(&self.blocks);
                 if let Some((_, pm)) = &self.parent {
@@ -474,21 +475,4 @@ impl Drop for CheckpointWriter<'_> {
 
 fn section_id(header: &[u8]) -> u32 {
     u32::from_be_bytes([header[1], header[2], header[3], header[4]])
-}
-
-/// The blocks of a MEM_SIZE item (already checked by the parser).
-fn block_list(bytes: &[u8]) -> Option<Vec<BlockInfo>> {
-    let mut at = 8;
-    let mut out = Vec::new();
-    while at < bytes.len() {
-        let n = *bytes.get(at)? as usize;
-        let name = std::str::from_utf8(bytes.get(at + 1..at + 1 + n)?).ok()?;
-        let len = u64::from_be_bytes(bytes.get(at + 1 + n..at + 9 + n)?.try_into().ok()?);
-        out.push(BlockInfo {
-            name: name.to_string(),
-            length_bytes: len,
-        });
-        at += 9 + n;
-    }
-    Some(out)
 }

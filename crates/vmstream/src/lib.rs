@@ -698,10 +698,14 @@ impl StreamWriter {
         match item {
             Item::Meta { kind, bytes } => {
                 if *kind == MetaKind::RamBlocks {
-                    self.blocks = parse_block_list(bytes).ok_or(StreamError::Malformed {
-                        offset: 0,
-                        what: "a block list item that does not parse".into(),
-                    })?;
+                    self.blocks = block_list(bytes)
+                        .ok_or(StreamError::Malformed {
+                            offset: 0,
+                            what: "a block list item that does not parse".into(),
+                        })?
+                        .into_iter()
+                        .map(|b| b.name)
+                        .collect();
                 }
                 out.extend_from_slice(bytes);
             }
@@ -768,17 +772,22 @@ pub fn ram_section_header(kind: SectionKind, section_id: u32) -> Vec<u8> {
     v
 }
 
-/// The blocks of a MEM_SIZE item's bytes.
-fn parse_block_list(bytes: &[u8]) -> Option<Vec<String>> {
+/// The blocks of a [`MetaKind::RamBlocks`] item's bytes (the MEM_SIZE
+/// record and its list), `None` if they do not parse.
+pub fn block_list(bytes: &[u8]) -> Option<Vec<Block>> {
     let mut at = 8;
-    let mut names = Vec::new();
+    let mut blocks = Vec::new();
     while at < bytes.len() {
         let n = *bytes.get(at)? as usize;
         let name = std::str::from_utf8(bytes.get(at + 1..at + 1 + n)?).ok()?;
-        names.push(name.to_string());
-        at += 1 + n + 8;
+        let length_bytes = be64(bytes.get(at + 1 + n..at + 9 + n)?);
+        blocks.push(Block {
+            name: name.to_string(),
+            length_bytes,
+        });
+        at += 9 + n;
     }
-    (at == bytes.len()).then_some(names)
+    (at == bytes.len()).then_some(blocks)
 }
 
 fn be16(a: &[u8]) -> u16 {
