@@ -18,14 +18,6 @@ fn checkpoint(agent: &Agent, vm: &str) -> Value {
     serde_json::from_str(&agent.ok(&["vm", "checkpoint", vm, "--json"])).expect("checkpoint json")
 }
 
-fn first_tick(console: &str) -> Option<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("TICK "))
-        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-        .next()
-}
-
 fn n(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()

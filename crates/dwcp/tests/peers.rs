@@ -29,73 +29,106 @@ fn peer<'a>(list: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no peer {name} in {list}"))
 }
 
+/// Hosts a and b of a netlab lab, and certificates of one cluster for
+/// nodes alpha and beta.
+struct Pair {
+    lab: Lab,
+    tmp: tempfile::TempDir,
+}
+
+impl Pair {
+    fn new(tag: &str, settings: &[(&str, &str)]) -> Pair {
+        let name = format!("{tag}{}", std::process::id() % 100_000);
+        let mut cfg = LabConfig::new(&name, &["a", "b"]);
+        cfg.all = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let pair = Pair {
+            lab: Lab::up(cfg).expect("lab up"),
+            tmp: tempfile::tempdir().expect("tmp"),
+        };
+        dwcp(&["cluster", "init", "--dir", &pair.path("ca")]);
+        for n in ["alpha", "beta"] {
+            dwcp(&[
+                "cluster",
+                "issue",
+                "--dir",
+                &pair.path("ca"),
+                "--node",
+                n,
+                "--out",
+                &pair.path(n),
+            ]);
+        }
+        pair
+    }
+
+    fn path(&self, p: &str) -> String {
+        self.tmp.path().join(p).display().to_string()
+    }
+
+    /// Where `host`'s agent listens for other nodes.
+    fn amst(&self, host: &str) -> String {
+        format!("{}:7481", self.lab.addr(host).expect("host"))
+    }
+
+    /// Starts `node`'s agent on `host` with `extra` flags and these peers
+    /// (`NAME=ADDR`).
+    fn agent(&self, node: &str, host: &str, extra: &[&str], peers: &[String]) -> Agent {
+        let (identity, listen) = (self.path(node), self.amst(host));
+        let mut args = vec![
+            "--accel",
+            "tcg",
+            "--identity",
+            &identity,
+            "--amst-listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        for p in peers {
+            args.push("--peer");
+            args.push(p);
+        }
+        Agent::start_netns(
+            &self.tmp.path().join(format!("data-{node}")),
+            &args,
+            Some(&self.lab.config().netns(host)),
+        )
+    }
+
+    /// alpha on host a and beta on host b, each the other's peer.
+    fn agents(&self) -> (Agent, Agent) {
+        let alpha = self.agent("alpha", "a", &[], &[format!("beta={}", self.amst("b"))]);
+        let beta = self.beta();
+        (alpha, beta)
+    }
+
+    fn beta(&self) -> Agent {
+        self.agent("beta", "b", &[], &[format!("alpha={}", self.amst("a"))])
+    }
+}
+
 #[test]
 fn peers_measure_their_link_and_refuse_a_wrong_name() {
-    let name = format!("p{}", std::process::id() % 100_000);
-    let mut cfg = LabConfig::new(&name, &["a", "b"]);
-    cfg.all = [("rate", "50mbit"), ("delay", "40ms")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let lab = Lab::up(cfg).expect("lab up");
-    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
-
-    let tmp = tempfile::tempdir().expect("tmp");
-    let path = |p: &str| tmp.path().join(p).display().to_string();
-    dwcp(&["cluster", "init", "--dir", &path("ca")]);
-    for n in ["alpha", "beta"] {
-        dwcp(&[
-            "cluster",
-            "issue",
-            "--dir",
-            &path("ca"),
-            "--node",
-            n,
-            "--out",
-            &path(n),
-        ]);
-    }
+    let pair = Pair::new("p", &[("rate", "50mbit"), ("delay", "40ms")]);
     std::fs::write(
-        tmp.path().join("probe.toml"),
+        pair.tmp.path().join("probe.toml"),
         "probe_interval = 1.0\nprobe_bytes = 2000000\n",
     )
     .expect("config");
-    let start = |node: &str, host: &str, listen: String, peers: &[String]| {
-        let mut args = vec![
-            "--accel".to_string(),
-            "tcg".into(),
-            "--config".into(),
-            path("probe.toml"),
-            "--identity".into(),
-            path(node),
-            "--amst-listen".into(),
-            listen,
-        ];
-        for p in peers {
-            args.push("--peer".into());
-            args.push(p.clone());
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Agent::start_netns(
-            &tmp.path().join(format!("data-{node}")),
-            &args,
-            Some(&lab.config().netns(host)),
-        )
-    };
+    let probe = pair.path("probe.toml");
+    let fast_probes = ["--config", probe.as_str()];
     // "gamma" is beta's address under another name: its certificate says
     // beta, so alpha must refuse it.
-    let alpha = start(
+    let (b, a) = (pair.amst("b"), pair.amst("a"));
+    let alpha = pair.agent(
         "alpha",
         "a",
-        format!("{a_ip}:7481"),
-        &[format!("beta={b_ip}:7481"), format!("gamma={b_ip}:7481")],
+        &fast_probes,
+        &[format!("beta={b}"), format!("gamma={b}")],
     );
-    let beta = start(
-        "beta",
-        "b",
-        format!("{b_ip}:7481"),
-        &[format!("alpha={a_ip}:7481")],
-    );
+    let beta = pair.agent("beta", "b", &fast_probes, &[format!("alpha={a}")]);
 
     for (agent, other) in [(&alpha, "beta"), (&beta, "alpha")] {
         let list = wait_for(&format!("{other} up"), Duration::from_secs(60), || {
@@ -138,58 +171,11 @@ fn peers_measure_their_link_and_refuse_a_wrong_name() {
 
 #[test]
 fn replicated_checkpoints_send_only_what_changed_and_restore_there() {
-    let name = format!("r{}", std::process::id() % 100_000);
-    let mut cfg = LabConfig::new(&name, &["a", "b"]);
-    cfg.all = [("rate", "100mbit"), ("delay", "25ms"), ("loss", "0.5%")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let lab = Lab::up(cfg).expect("lab up");
-    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
-    let tmp = tempfile::tempdir().expect("tmp");
-    let path = |p: &str| tmp.path().join(p).display().to_string();
-    dwcp(&["cluster", "init", "--dir", &path("ca")]);
-    for n in ["alpha", "beta"] {
-        dwcp(&[
-            "cluster",
-            "issue",
-            "--dir",
-            &path("ca"),
-            "--node",
-            n,
-            "--out",
-            &path(n),
-        ]);
-    }
-    let start = |node: &str, host: &str, me: String, other: String| {
-        let args = [
-            "--accel",
-            "tcg",
-            "--identity",
-            &path(node),
-            "--amst-listen",
-            &me,
-            "--peer",
-            &other,
-        ];
-        Agent::start_netns(
-            &tmp.path().join(format!("data-{node}")),
-            &args,
-            Some(&lab.config().netns(host)),
-        )
-    };
-    let alpha = start(
-        "alpha",
-        "a",
-        format!("{a_ip}:7481"),
-        format!("beta={b_ip}:7481"),
+    let pair = Pair::new(
+        "r",
+        &[("rate", "100mbit"), ("delay", "25ms"), ("loss", "0.5%")],
     );
-    let beta = start(
-        "beta",
-        "b",
-        format!("{b_ip}:7481"),
-        format!("alpha={a_ip}:7481"),
-    );
+    let (alpha, beta) = pair.agents();
 
     alpha.create_guest("web", "dwcp.mem_mb=24 dwcp.fill=text dwcp.dirty_pages=200");
     alpha.wait_tick("web", 2, Duration::from_secs(90));
@@ -241,13 +227,7 @@ fn replicated_checkpoints_send_only_what_changed_and_restore_there() {
     let out = beta.ok(&["vm", "restore", "alpha:web@2", "--name", "web"]);
     assert!(out.contains("running"), "{out}");
     let t = beta.wait_tick("web", 0, Duration::from_secs(60));
-    let first_there = beta
-        .console("web")
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("TICK "))
-        .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-        .next()
-        .expect("ticks");
+    let first_there = first_tick(&beta.console("web")).expect("ticks");
     assert!(
         first_there >= before && first_there <= before + 3,
         "{first_there} after {before}"
@@ -260,58 +240,11 @@ fn replicated_checkpoints_send_only_what_changed_and_restore_there() {
 
 #[test]
 fn live_migration_keeps_the_guest_counting() {
-    let name = format!("m{}", std::process::id() % 100_000);
-    let mut cfg = LabConfig::new(&name, &["a", "b"]);
-    cfg.all = [("rate", "200mbit"), ("delay", "25ms"), ("loss", "0.5%")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let lab = Lab::up(cfg).expect("lab up");
-    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
-    let tmp = tempfile::tempdir().expect("tmp");
-    let path = |p: &str| tmp.path().join(p).display().to_string();
-    dwcp(&["cluster", "init", "--dir", &path("ca")]);
-    for n in ["alpha", "beta"] {
-        dwcp(&[
-            "cluster",
-            "issue",
-            "--dir",
-            &path("ca"),
-            "--node",
-            n,
-            "--out",
-            &path(n),
-        ]);
-    }
-    let start = |node: &str, host: &str, me: String, other: String| {
-        let args = [
-            "--accel",
-            "tcg",
-            "--identity",
-            &path(node),
-            "--amst-listen",
-            &me,
-            "--peer",
-            &other,
-        ];
-        Agent::start_netns(
-            &tmp.path().join(format!("data-{node}")),
-            &args,
-            Some(&lab.config().netns(host)),
-        )
-    };
-    let alpha = start(
-        "alpha",
-        "a",
-        format!("{a_ip}:7481"),
-        format!("beta={b_ip}:7481"),
+    let pair = Pair::new(
+        "m",
+        &[("rate", "200mbit"), ("delay", "25ms"), ("loss", "0.5%")],
     );
-    let beta = start(
-        "beta",
-        "b",
-        format!("{b_ip}:7481"),
-        format!("alpha={a_ip}:7481"),
-    );
+    let (alpha, beta) = pair.agents();
 
     alpha.create_guest("web", "dwcp.mem_mb=32 dwcp.fill=mixed dwcp.dirty_pages=500");
     alpha.wait_tick("web", 2, Duration::from_secs(90));
@@ -326,13 +259,7 @@ fn live_migration_keeps_the_guest_counting() {
     assert_eq!(beta.state("web"), "running");
     let t = beta.wait_tick("web", before, Duration::from_secs(60));
     beta.wait_tick("web", t + 2, Duration::from_secs(60));
-    let console = beta.console("web");
-    let first = console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("TICK "))
-        .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-        .next()
-        .expect("ticks");
+    let first = first_tick(&beta.console("web")).expect("ticks");
     assert!(
         first >= before && first <= before + 30,
         "first TICK there {first}, before {before}"
@@ -346,58 +273,11 @@ fn live_migration_keeps_the_guest_counting() {
 
 #[test]
 fn a_replica_at_the_destination_leaves_little_to_send() {
-    let name = format!("h{}", std::process::id() % 100_000);
-    let mut cfg = LabConfig::new(&name, &["a", "b"]);
-    cfg.all = [("rate", "100mbit"), ("delay", "25ms"), ("loss", "0.5%")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let lab = Lab::up(cfg).expect("lab up");
-    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
-    let tmp = tempfile::tempdir().expect("tmp");
-    let path = |p: &str| tmp.path().join(p).display().to_string();
-    dwcp(&["cluster", "init", "--dir", &path("ca")]);
-    for n in ["alpha", "beta"] {
-        dwcp(&[
-            "cluster",
-            "issue",
-            "--dir",
-            &path("ca"),
-            "--node",
-            n,
-            "--out",
-            &path(n),
-        ]);
-    }
-    let start = |node: &str, host: &str, me: String, other: String| {
-        let args = [
-            "--accel",
-            "tcg",
-            "--identity",
-            &path(node),
-            "--amst-listen",
-            &me,
-            "--peer",
-            &other,
-        ];
-        Agent::start_netns(
-            &tmp.path().join(format!("data-{node}")),
-            &args,
-            Some(&lab.config().netns(host)),
-        )
-    };
-    let alpha = start(
-        "alpha",
-        "a",
-        format!("{a_ip}:7481"),
-        format!("beta={b_ip}:7481"),
+    let pair = Pair::new(
+        "h",
+        &[("rate", "100mbit"), ("delay", "25ms"), ("loss", "0.5%")],
     );
-    let beta = start(
-        "beta",
-        "b",
-        format!("{b_ip}:7481"),
-        format!("alpha={a_ip}:7481"),
-    );
+    let (alpha, beta) = pair.agents();
     alpha.create_guest(
         "web",
         "dwcp.mem_mb=32 dwcp.fill=random dwcp.dirty_pages=300",
@@ -429,60 +309,10 @@ fn a_replica_at_the_destination_leaves_little_to_send() {
 }
 
 /// Two agents on a slow link (so a migration takes a while).
-fn slow_pair(tag: &str) -> (Lab, tempfile::TempDir, Agent, Agent) {
-    let name = format!("{tag}{}", std::process::id() % 100_000);
-    let mut cfg = LabConfig::new(&name, &["a", "b"]);
-    cfg.all = [("rate", "8mbit"), ("delay", "25ms")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let lab = Lab::up(cfg).expect("lab up");
-    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
-    let tmp = tempfile::tempdir().expect("tmp");
-    let path = |p: &str| tmp.path().join(p).display().to_string();
-    dwcp(&["cluster", "init", "--dir", &path("ca")]);
-    for n in ["alpha", "beta"] {
-        dwcp(&[
-            "cluster",
-            "issue",
-            "--dir",
-            &path("ca"),
-            "--node",
-            n,
-            "--out",
-            &path(n),
-        ]);
-    }
-    let start = |node: &str, host: &str, me: String, other: String| {
-        let args = [
-            "--accel",
-            "tcg",
-            "--identity",
-            &path(node),
-            "--amst-listen",
-            &me,
-            "--peer",
-            &other,
-        ];
-        Agent::start_netns(
-            &tmp.path().join(format!("data-{node}")),
-            &args,
-            Some(&lab.config().netns(host)),
-        )
-    };
-    let alpha = start(
-        "alpha",
-        "a",
-        format!("{a_ip}:7481"),
-        format!("beta={b_ip}:7481"),
-    );
-    let beta = start(
-        "beta",
-        "b",
-        format!("{b_ip}:7481"),
-        format!("alpha={a_ip}:7481"),
-    );
-    (lab, tmp, alpha, beta)
+fn slow_pair(tag: &str) -> (Pair, Agent, Agent) {
+    let pair = Pair::new(tag, &[("rate", "8mbit"), ("delay", "25ms")]);
+    let (alpha, beta) = pair.agents();
+    (pair, alpha, beta)
 }
 
 /// Starts `dwcp vm migrate web --to beta` on alpha in the background, once
@@ -511,7 +341,7 @@ fn runs_on(agent: &Agent, vm: &str) {
 
 #[test]
 fn a_cancelled_migration_leaves_the_vm_where_it_was() {
-    let (_lab, _tmp, alpha, beta) = slow_pair("c");
+    let (_pair, alpha, beta) = slow_pair("c");
     let child = start_migration(&alpha, &beta);
     let out = alpha.ok(&["vm", "migrate", "web", "--cancel"]);
     assert!(out.contains("cancelling"), "{out}");
@@ -533,7 +363,7 @@ fn a_cancelled_migration_leaves_the_vm_where_it_was() {
 
 #[test]
 fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
-    let (lab, tmp, alpha, mut beta) = slow_pair("k");
+    let (pair, alpha, mut beta) = slow_pair("k");
     let child = start_migration(&alpha, &beta);
     beta.signal_and_wait(libc::SIGKILL);
     let out = child.wait_with_output().expect("cli");
@@ -544,22 +374,7 @@ fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
     );
     runs_on(&alpha, "web");
     // The destination, restarted, drops its half of the migration.
-    let (a_ip, b_ip) = (lab.addr("a").expect("a"), lab.addr("b").expect("b"));
-    let path = |p: &str| tmp.path().join(p).display().to_string();
-    let beta = Agent::start_netns(
-        &tmp.path().join("data-beta"),
-        &[
-            "--accel",
-            "tcg",
-            "--identity",
-            &path("beta"),
-            "--amst-listen",
-            &format!("{b_ip}:7481"),
-            "--peer",
-            &format!("alpha={a_ip}:7481"),
-        ],
-        Some(&lab.config().netns("b")),
-    );
+    let beta = pair.beta();
     wait_for(
         "the half-migrated VM to be removed",
         Duration::from_secs(30),

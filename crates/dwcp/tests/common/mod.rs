@@ -242,12 +242,20 @@ fn command_in(netns: Option<&str>) -> Command {
     }
 }
 
-pub fn last_tick(console: &str) -> Option<u64> {
+/// The TICK numbers in console text, in order.
+fn ticks(console: &str) -> impl DoubleEndedIterator<Item = u64> + '_ {
     console
         .lines()
         .filter_map(|l| l.trim().strip_prefix("TICK "))
         .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-        .next_back()
+}
+
+pub fn last_tick(console: &str) -> Option<u64> {
+    ticks(console).next_back()
+}
+
+pub fn first_tick(console: &str) -> Option<u64> {
+    ticks(console).next()
 }
 
 /// Kills every process whose command line mentions `dir` (the QEMUs of a
