@@ -136,21 +136,12 @@ impl CheckpointWriter<'_> {
                 self.meta(kind, bytes)
             }
             Item::Page(p) => {
-                let (offset, named) = (p.offset, p.named);
-                let name_bytes = match named {
-                    true => {
-                        1 + self
-                            .blocks
-                            .get(p.block as usize)
-                            .map_or(0, |b| b.name.len())
-                    }
-                    false => 0,
-                };
-                let body = match &p.data {
-                    PageData::Fill(_) => 1,
-                    PageData::Full(_) => PAGE_SIZE,
-                };
-                self.stats.stream_bytes += (8 + name_bytes + body) as u64;
+                let offset = p.offset;
+                let name_len = self
+                    .blocks
+                    .get(p.block as usize)
+                    .map_or(0, |b| b.name.len());
+                self.stats.stream_bytes += p.stream_len(name_len) as u64;
                 if self.phase != Phase::Ram {
                     return Err(HdeError::Stream("a page before the RAM block list".into()));
                 }

@@ -136,11 +136,8 @@ impl WireEncoder {
                 verbatim(out, 1, 0, &bytes);
             }
             Item::Page(p) => {
-                let name_bytes = if p.named {
-                    1 + names.get(p.block as usize).map_or(0, |n| n.len())
-                } else {
-                    0
-                };
+                let name_len = names.get(p.block as usize).map_or(0, |n| n.len());
+                self.stats.stream_bytes += p.stream_len(name_len) as u64;
                 self.stats.pages += 1;
                 let page_head = |out: &mut Vec<u8>, tag: u8| {
                     out.push(tag);
@@ -150,13 +147,11 @@ impl WireEncoder {
                 };
                 match &p.data {
                     PageData::Fill(b) => {
-                        self.stats.stream_bytes += (8 + name_bytes + 1) as u64;
                         self.stats.fill_pages += 1;
                         page_head(out, TAG_FILL);
                         out.push(*b);
                     }
                     PageData::Full(data) => {
-                        self.stats.stream_bytes += (8 + name_bytes + PAGE_SIZE) as u64;
                         let d = Digest::of(&data[..]);
                         if self.sent.contains(&d) {
                             self.stats.ref_pages += 1;

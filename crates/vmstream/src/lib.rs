@@ -114,6 +114,17 @@ impl PageRecord {
     pub fn page_index(&self) -> u64 {
         self.offset / PAGE_SIZE as u64
     }
+
+    /// Bytes the record takes in the stream ([`write_page`]'s layout),
+    /// given the length of its block's name.
+    pub fn stream_len(&self, block_name_len: usize) -> usize {
+        let name = if self.named { 1 + block_name_len } else { 0 };
+        let body = match self.data {
+            PageData::Fill(_) => 1,
+            PageData::Full(_) => PAGE_SIZE,
+        };
+        8 + name + body
+    }
 }
 
 /// Which framing a RAM section opened with.
