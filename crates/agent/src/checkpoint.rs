@@ -35,6 +35,8 @@ const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 /// QEMU's `max-bandwidth` when the configuration sets no limit.
 const UNLIMITED_BYTES_PER_SEC: u64 = 64 << 30;
+/// What the page store writer says when QEMU's side gave up first.
+const ABANDONED: &str = "QEMU did not complete the migration";
 /// Bytes read from or written to a stream socket at a time.
 const IO_CHUNK: usize = 1 << 20;
 
@@ -128,8 +130,12 @@ impl Manager {
             Err(detail) => {
                 recover_source(&qmp, name, was_running).await;
                 drop(done_tx);
-                // The writer's own error says more when it caused the failure.
+                // The writer's own error says more when it caused the
+                // failure; when it was only told to give up, QEMU's side says why.
                 let err = match join_writer(&mut writer, name).await {
+                    Err(AgentError::CheckpointFailed { detail: d, .. }) if d == ABANDONED => {
+                        failed(detail)
+                    }
                     Err(e) => e,
                     Ok(_) => failed(detail),
                 };
@@ -655,9 +661,7 @@ fn store_stream(
     parser
         .finish()
         .map_err(|e| failed(format!("QEMU's stream: {e}")))?;
-    let (pause_ms, downtime_ms) = done
-        .recv()
-        .map_err(|_| failed("QEMU did not complete the migration".into()))?;
+    let (pause_ms, downtime_ms) = done.recv().map_err(|_| failed(ABANDONED.into()))?;
     Ok(w.finish(meta, pause_ms, downtime_ms)?)
 }
 
