@@ -459,19 +459,33 @@ impl Session {
         };
         let result: Result<(u64, [u8; 32]), TransportError> = async {
             loop {
-                // Fill one chunk (a short read is fine; EOF ends the transfer).
+                // Fill one chunk with what the source has: wait for the
+                // first bytes, then take more only while they are there at
+                // once, so a source that pauses is not held back by a
+                // half-full chunk. EOF ends the transfer.
                 let mut filled = 0;
+                let mut eof = false;
                 while filled < chunk {
-                    let n = source
-                        .read(&mut buf[filled..])
-                        .await
-                        .map_err(TransportError::Source)?;
+                    let read = source.read(&mut buf[filled..]);
+                    let n = if filled == 0 {
+                        read.await
+                    } else {
+                        // A tokio read is cancel safe: dropped unready, it
+                        // has read nothing.
+                        tokio::select! {
+                            biased;
+                            r = read => r,
+                            _ = std::future::ready(()) => break,
+                        }
+                    }
+                    .map_err(TransportError::Source)?;
                     if n == 0 {
+                        eof = true;
                         break;
                     }
                     filled += n;
                 }
-                let fin = filled < chunk;
+                let fin = eof;
                 let data = buf[..filled].to_vec();
                 loop {
                     let room = inner.room.notified();
