@@ -14,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&split, rest)) = data.split_first() else {
         return;
     };
-    let mut dec = WireDecoder::new();
+    let Ok(mut dec) = WireDecoder::new() else {
+        return;
+    };
     let mut out = Vec::new();
     for chunk in rest.chunks(split as usize % 97 + 1) {
         if dec.feed(chunk, &mut out).is_err() {

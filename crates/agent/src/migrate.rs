@@ -22,21 +22,22 @@
 //! sides and the source guest runs on.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use dwcp_api::{VmSpec, VmState};
-use dwcp_hde::wire::{WireDecoder, WireEncoder, WireStats};
+use dwcp_hde::wire::{WireEncoder, WireStats};
 use dwcp_hypervisor::{launch, Accel, Launched, Qmp};
 use dwcp_transport::{Chunk, Class, TransportConfig};
 use dwcp_vmstream::StreamParser;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{capabilities, recover_source, wait_loaded};
@@ -61,12 +62,21 @@ pub struct MigrationReport {
     pub delta_pages: u64,
     /// Pages the destination already held (from a replicated checkpoint).
     pub pages_known_at_destination: u64,
+    /// Whether the destination preloaded its replica of the VM's
+    /// checkpoint into QEMU before the first page came.
+    pub preloaded: bool,
+    /// Pages not sent at all: the preloaded replica had them in place.
+    pub preloaded_pages: u64,
     /// Rounds of dirty-page sync QEMU went through.
     pub rounds: u64,
     /// QEMU's own downtime figure (taken at the source).
     pub qemu_downtime_ms: Option<u64>,
-    /// From the source guest's pause to the destination's `cont`.
+    /// From the source's QEMU completing to the destination's answer that
+    /// the guest runs there.
     pub switchover_ms: u64,
+    /// The guest's pause, at most: from its stop at the source (QEMU's
+    /// STOP event) to the destination's answer that it runs there.
+    pub guest_pause_ms: Option<u64>,
 }
 
 /// A running migration, as `GET /v1/vms/{name}/migration` shows it.
@@ -97,8 +107,12 @@ pub struct MigrationProgress {
 pub(crate) struct MigrationControl {
     progress: Mutex<MigrationProgress>,
     cancel: tokio::sync::watch::Sender<bool>,
-    stream_bytes: std::sync::atomic::AtomicU64,
-    wire_bytes: std::sync::atomic::AtomicU64,
+    stream_bytes: AtomicU64,
+    wire_bytes: AtomicU64,
+    /// The migration's id, and the record bytes its destination reported
+    /// done (flow control: see `encode_stream`).
+    id: String,
+    done_at_destination: AtomicU64,
 }
 
 pub(crate) type Migrations = Mutex<HashMap<String, Arc<MigrationControl>>>;
@@ -166,6 +180,8 @@ impl Manager {
             cancel: tokio::sync::watch::channel(false).0,
             stream_bytes: Default::default(),
             wire_bytes: Default::default(),
+            id: id.clone(),
+            done_at_destination: Default::default(),
         });
         lock(&self.migrations).insert(name.to_string(), control.clone());
         let result = self
@@ -181,7 +197,7 @@ impl Manager {
         match c {
             Some(c) => {
                 let mut p = lock(&c.progress).clone();
-                p.wire_bytes = c.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+                p.wire_bytes = c.wire_bytes.load(Ordering::Relaxed);
                 Ok(p)
             }
             None => Err(self.no_migration(name)),
@@ -241,31 +257,17 @@ impl Manager {
         let answer = peers
             .request(to, "migrate-prepare", prepare, Duration::from_secs(60))
             .await?;
-        // Pages the destination holds already (a replicated checkpoint).
-        let known = dwcp_hde::replica::decode_digests(&answer).unwrap_or_default();
-        let known_count = known.len() as u64;
-        // Where the destination's versions of pages are found here: our
-        // newest checkpoint of the VM, for the pages the destination has.
-        let slots = {
+        // Pages the destination holds already (a replicated checkpoint),
+        // and whether it can preload that checkpoint into its QEMU.
+        let (preload, offered) = dwcp_hde::wire::decode_offer(&answer).unwrap_or_default();
+        let known_count = offered.len() as u64;
+        let known = {
             let pages = self.pages.clone();
-            let set: std::collections::HashSet<dwcp_hde::Digest> = known.iter().copied().collect();
             let vm_name = name.to_string();
-            tokio::task::spawn_blocking(move || -> Vec<((u16, u64), dwcp_hde::Digest)> {
-                let Ok(Some(m)) = pages.latest_for(&vm_name) else {
-                    return Vec::new();
-                };
-                let Ok((_, map)) = pages.page_map(&m.id) else {
-                    return Vec::new();
-                };
-                map.iter()
-                    .filter(|(_, _, d)| set.contains(d))
-                    .map(|(b, p, d)| ((b as u16, p as u64), *d))
-                    .collect()
-            })
-            .await
-            .unwrap_or_default()
+            tokio::task::spawn_blocking(move || plan_known(&pages, &vm_name, preload, offered))
+                .await
+                .map_err(|e| failed(e.to_string()))?
         };
-        let known = (known, slots, self.pages.clone());
         tracing::info!(vm = %name, %to, %id, "migration prepared at the destination");
 
         let abort_remote = |why: &str| {
@@ -294,7 +296,13 @@ impl Manager {
                 known,
             )
             .await;
-        let (stats, rounds, downtime) = match sent {
+        let Sent {
+            stats,
+            preloaded,
+            rounds,
+            downtime,
+            stop_unix_us,
+        } = match sent {
             Ok(v) => v,
             Err(detail) => {
                 lock(&control.progress).status = "aborting".into();
@@ -316,6 +324,8 @@ impl Manager {
         match commit {
             Ok(_) => {
                 let switchover_ms = paused_at.elapsed().as_millis() as u64;
+                let guest_pause_ms = stop_unix_us
+                    .map(|us| (crate::manager::now_unix_ms() * 1000).saturating_sub(us) / 1000);
                 drop(op);
                 // The VM runs at the destination now: end it here.
                 if let Err(e) = self.delete(name, true).await {
@@ -332,10 +342,13 @@ impl Manager {
                     pages: stats.pages,
                     ref_pages: stats.ref_pages,
                     delta_pages: stats.delta_pages,
+                    preloaded,
+                    preloaded_pages: stats.same_pages,
                     pages_known_at_destination: known_count,
                     rounds,
                     qemu_downtime_ms: downtime,
                     switchover_ms,
+                    guest_pause_ms,
                 };
                 tracing::info!(vm = %name, %to, seconds = report.seconds, wire_bytes = report.wire_bytes, "migrated");
                 Ok(report)
@@ -373,7 +386,7 @@ impl Manager {
         memory_bytes: u64,
         control: &Arc<MigrationControl>,
         known: Known,
-    ) -> Result<(WireStats, u64, Option<u64>), String> {
+    ) -> Result<Sent, String> {
         let sock = dir.join("migrate.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)
@@ -384,6 +397,14 @@ impl Manager {
             .link(to)
             .unwrap_or((Duration::from_millis(100), 100e6));
         let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
+        // zstd -3 keeps up with links to a few hundred Mbit/s on one core;
+        // faster links get -1.
+        let level = if rate < 300e6 { 3 } else { 1 };
+        // What the destination may have still to do (record bytes): about
+        // what it does in one and a half RTTs, so it is never starved and
+        // never far behind (its backlog adds to the guest's pause).
+        let backlog =
+            ((rtt.as_secs_f64() * 1.5 * DESTINATION_RATE) as u64).clamp(16 << 20, 192 << 20);
         let cfg = TransportConfig {
             // Probes are short and so underestimate the rate (slow start):
             // never less than 8 MiB, which still keeps the relay's buffer
@@ -424,10 +445,12 @@ impl Manager {
             .and_then(|c| c.set_nonblocking(false).map(|_| c))
             .map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(&sock);
+        let mut events = qmp.events();
         let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
         let counters = control.clone();
-        let encoder =
-            tokio::task::spawn_blocking(move || encode_stream(conn, tx, &counters, known));
+        let encoder = tokio::task::spawn_blocking(move || {
+            encode_stream(conn, tx, &counters, known, level, backlog)
+        });
         let transfer_name = format!("migrate/{id}");
         let transfer = session.send(
             &transfer_name,
@@ -479,7 +502,21 @@ impl Manager {
             goodput = report.goodput_bps,
             "stream sent"
         );
-        Ok((stats, rounds, status["downtime"].as_u64()))
+        let mut stop_unix_us = None;
+        loop {
+            match events.try_recv() {
+                Ok(ev) if ev.name == "STOP" => stop_unix_us = ev.timestamp_us,
+                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        Ok(Sent {
+            stats: stats.0,
+            preloaded: stats.1,
+            rounds,
+            downtime: status["downtime"].as_u64(),
+            stop_unix_us,
+        })
     }
 
     /// Destination side of requests.
@@ -500,21 +537,39 @@ impl Manager {
             "migrate-prepare" => {
                 let p: Prepare =
                     serde_json::from_slice(body).map_err(|e| format!("bad request: {e}"))?;
+                // Offer what the store holds of this VM: those pages need
+                // not travel; a checkpoint of it from this very peer can be
+                // preloaded.
+                let pages = self.pages.clone();
                 let vm = p.spec.name.clone();
-                self.prepare_incoming(peer, p)
+                let from = peer.to_string();
+                let offer = tokio::task::spawn_blocking(move || offer_of(&pages, &vm, &from))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let answer = dwcp_hde::wire::encode_offer(
+                    offer.preload.as_ref().map(|(theirs, _)| theirs.as_str()),
+                    &offer.digests,
+                );
+                self.prepare_incoming(peer, p, offer)
                     .await
                     .map_err(|e| crate::format_chain(&e))?;
-                // Offer what the store holds of this VM: those pages need
-                // not travel.
-                let pages = self.pages.clone();
-                let known = tokio::task::spawn_blocking(move || pages.latest_pages_of(&vm))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                Ok(dwcp_hde::replica::encode_digests(&known))
+                Ok(answer)
             }
             "migrate-commit" => self.commit_incoming(&id()?).await.map(|_| Vec::new()),
+            "migrate-progress" => {
+                let id = id()?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(body).map_err(|e| e.to_string())?;
+                let done = v["done"].as_u64().ok_or("no progress figure")?;
+                let c = lock(&self.migrations)
+                    .values()
+                    .find(|c| c.id == id)
+                    .cloned();
+                if let Some(c) = c {
+                    c.done_at_destination.fetch_max(done, Ordering::Relaxed);
+                }
+                Ok(Vec::new())
+            }
             "migrate-abort" => {
                 self.abort_incoming(&id()?, "the source aborted").await;
                 Ok(Vec::new())
@@ -523,7 +578,12 @@ impl Manager {
         }
     }
 
-    async fn prepare_incoming(self: &Arc<Self>, peer: &str, p: Prepare) -> Result<(), AgentError> {
+    async fn prepare_incoming(
+        self: &Arc<Self>,
+        peer: &str,
+        p: Prepare,
+        offer: Offer,
+    ) -> Result<(), AgentError> {
         let peers = self.peers.clone().ok_or(PeerError::NoIdentity)?;
         let accel = if p.accel == "kvm" {
             Accel::Kvm
@@ -572,44 +632,31 @@ impl Manager {
         let incoming = peers.expect(&format!("migrate/{}", p.id));
         let pages = self.pages.clone();
         let from = peer.to_string();
+        let id = p.id.clone();
         let fed = tokio::spawn(async move {
-            let mut inc = tokio::time::timeout(Duration::from_secs(60), incoming)
+            let inc = tokio::time::timeout(Duration::from_secs(60), incoming)
                 .await
                 .map_err(|_| "the stream never came".to_string())?
                 .map_err(|_| "the stream never came".to_string())?;
-            let mut qemu = tokio::net::UnixStream::connect(&sock)
+            let qemu = tokio::net::UnixStream::connect(&sock)
                 .await
+                .and_then(|s| s.into_std())
+                .and_then(|s| s.set_nonblocking(false).map(|_| s))
                 .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
-            let t0 = Instant::now();
-            let mut dec = match pages.snapshot() {
-                Ok(r) => WireDecoder::with_store(r),
-                Err(_) => WireDecoder::new(),
-            };
-            let mut out = Vec::new();
-            let mut total = 0u64;
-            while let Some(c) = inc.chunks.recv().await {
-                match c {
-                    Chunk::Data(d) => {
-                        out.clear();
-                        dec.feed(&d, &mut out)
-                            .map_err(|e| format!("from {from}: {e}"))?;
-                        qemu.write_all(&out)
-                            .await
-                            .map_err(|e| format!("QEMU stopped taking the stream: {e}"))?;
-                        total += out.len() as u64;
-                    }
-                    Chunk::Done { .. } => {
-                        let _ = qemu.flush().await;
-                        tracing::info!(
-                            bytes = total,
-                            secs = t0.elapsed().as_secs_f64(),
-                            "incoming stream fed to QEMU"
-                        );
-                        return Ok(total);
-                    }
-                }
-            }
-            Err("the source abandoned the stream".to_string())
+            let done = Arc::new(AtomicU64::new(0));
+            let reporter = tokio::spawn(report_progress(
+                peers.clone(),
+                from.clone(),
+                id,
+                done.clone(),
+            ));
+            let r = tokio::task::spawn_blocking(move || {
+                feed_qemu(inc.chunks, qemu, &pages, offer, &from, &done)
+            })
+            .await
+            .map_err(|e| e.to_string());
+            reporter.abort();
+            r?
         });
         lock(&self.incoming).insert(
             p.id.clone(),
@@ -690,13 +737,242 @@ impl Manager {
     }
 }
 
-/// What the destination holds: page digests, and per page slot the version
-/// it has (whose content is in our store).
-type Known = (
-    Vec<dwcp_hde::Digest>,
-    Vec<((u16, u64), dwcp_hde::Digest)>,
-    Arc<dwcp_hde::PageStore>,
-);
+/// Record bytes a destination rebuilds per second, about (store reads,
+/// hashing, writing to QEMU), for the flow control's budget.
+const DESTINATION_RATE: f64 = 256e6;
+
+/// What the source's side of a migration did.
+struct Sent {
+    stats: WireStats,
+    preloaded: bool,
+    rounds: u64,
+    downtime: Option<u64>,
+    /// When the source guest stopped (QEMU's clock, microseconds).
+    stop_unix_us: Option<u64>,
+}
+
+/// What the destination holds, as the source plans for it.
+pub(crate) struct Known {
+    /// Pages it offered, in its order.
+    offered: Vec<dwcp_hde::Digest>,
+    /// Per page slot, the version it holds (delta bases; with a preload,
+    /// what its QEMU will hold).
+    slots: Vec<((u16, u64), dwcp_hde::Digest)>,
+    /// The checkpoint it preloads (ours) and that checkpoint's blocks.
+    preload: Option<(String, Vec<dwcp_hde::BlockInfo>)>,
+    store: Arc<dwcp_hde::PageStore>,
+}
+
+/// Plans what the destination holds from its offer: with a preload, the
+/// slots of that checkpoint (ours); else those of our newest checkpoint of
+/// the VM whose pages it has.
+fn plan_known(
+    store: &Arc<dwcp_hde::PageStore>,
+    vm: &str,
+    preload: Option<String>,
+    offered: Vec<dwcp_hde::Digest>,
+) -> Known {
+    let zero = dwcp_hde::Digest::zero_page();
+    let slots_of = |map: &dwcp_hde::PageMap, keep: &dyn Fn(&dwcp_hde::Digest) -> bool| {
+        map.iter()
+            .filter(|(_, _, d)| **d != zero && keep(d))
+            .map(|(b, p, d)| ((b as u16, p as u64), *d))
+            .collect::<Vec<_>>()
+    };
+    let mut known = Known {
+        offered,
+        slots: Vec::new(),
+        preload: None,
+        store: store.clone(),
+    };
+    if let Some(id) = preload {
+        match store.page_map(&id) {
+            Ok((m, map)) if m.vm == vm => {
+                known.slots = slots_of(&map, &|_| true);
+                known.preload = Some((id, m.blocks));
+                return known;
+            }
+            _ => {
+                tracing::info!(vm, checkpoint = %id, "the destination's replica is not ours any more: no preload")
+            }
+        }
+    }
+    let set: std::collections::HashSet<dwcp_hde::Digest> = known.offered.iter().copied().collect();
+    if let Ok(Some(m)) = store.latest_for(vm) {
+        if let Ok((_, map)) = store.page_map(&m.id) {
+            known.slots = slots_of(&map, &|d| set.contains(d));
+        }
+    }
+    known
+}
+
+/// What a destination offers a migration of VM `vm` from `peer`.
+pub(crate) struct Offer {
+    digests: Vec<dwcp_hde::Digest>,
+    /// A checkpoint of the VM replicated from `peer`: its id there, and here.
+    preload: Option<(String, String)>,
+}
+
+fn offer_of(store: &dwcp_hde::PageStore, vm: &str, peer: &str) -> Offer {
+    let none = Offer {
+        digests: Vec::new(),
+        preload: None,
+    };
+    let Ok(Some(m)) = store.latest_for(vm) else {
+        return none;
+    };
+    let Ok((_, map)) = store.page_map(&m.id) else {
+        return none;
+    };
+    let zero = dwcp_hde::Digest::zero_page();
+    let set: std::collections::HashSet<dwcp_hde::Digest> = map
+        .iter()
+        .map(|(_, _, d)| *d)
+        .filter(|d| *d != zero)
+        .collect();
+    let preload = match (&m.origin, m.id.strip_prefix(&format!("{peer}:"))) {
+        (Some(o), Some(theirs)) if o == peer => Some((theirs.to_string(), m.id.clone())),
+        _ => None,
+    };
+    Offer {
+        digests: set.into_iter().collect(),
+        preload,
+    }
+}
+
+/// Destination: decodes the transfer into QEMU's incoming socket, first
+/// preloading the replica the source asked for. Returns the stream bytes
+/// written.
+fn feed_qemu(
+    mut chunks: mpsc::Receiver<Chunk>,
+    mut qemu: UnixStream,
+    store: &Arc<dwcp_hde::PageStore>,
+    offer: Offer,
+    from: &str,
+    done: &AtomicU64,
+) -> Result<u64, String> {
+    let t0 = Instant::now();
+    let reader = store.snapshot().map_err(|e| e.to_string())?;
+    let mut dec = dwcp_hde::wire::WireDecoder::with_store(offer.digests, reader)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    let mut write = |out: &mut Vec<u8>| -> Result<(), String> {
+        qemu.write_all(out)
+            .map_err(|e| format!("QEMU stopped taking the stream: {e}"))?;
+        total += out.len() as u64;
+        out.clear();
+        Ok(())
+    };
+    while let Some(c) = chunks.blocking_recv() {
+        match c {
+            Chunk::Data(d) => {
+                dec.feed(&d, &mut out)
+                    .map_err(|e| format!("from {from}: {e}"))?;
+                write(&mut out)?;
+                done.store(dec.record_bytes(), Ordering::Relaxed);
+                if let Some(id) = dec.take_preload() {
+                    let local = match &offer.preload {
+                        Some((theirs, local)) if *theirs == id => local.clone(),
+                        _ => return Err(format!("{from} asked to preload {id}, never offered")),
+                    };
+                    let n = preload(&mut dec, store, &local, &mut out, &mut write, done)?;
+                    tracing::info!(checkpoint = %local, pages = n, secs = t0.elapsed().as_secs_f64(), "replica preloaded");
+                    dec.feed(&[], &mut out)
+                        .map_err(|e| format!("from {from}: {e}"))?;
+                    write(&mut out)?;
+                    done.store(dec.record_bytes(), Ordering::Relaxed);
+                }
+            }
+            Chunk::Done { .. } => {
+                if !dec.is_idle() {
+                    return Err(format!("{from}'s stream ended in the middle of a record"));
+                }
+                tracing::info!(
+                    bytes = total,
+                    secs = t0.elapsed().as_secs_f64(),
+                    "incoming stream fed to QEMU"
+                );
+                return Ok(total);
+            }
+        }
+    }
+    Err("the source abandoned the stream".to_string())
+}
+
+/// Tells the source, every 50 ms, how far the destination got (record
+/// bytes written into QEMU). Reports go out without waiting for each other;
+/// the source keeps the largest.
+async fn report_progress(
+    peers: Arc<crate::peers::Peers>,
+    source: String,
+    id: String,
+    done: Arc<AtomicU64>,
+) {
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = done.load(Ordering::Relaxed);
+        if now == last {
+            continue;
+        }
+        last = now;
+        let body = json!({ "id": id, "done": now }).to_string().into_bytes();
+        let (peers, source) = (peers.clone(), source.clone());
+        tokio::spawn(async move {
+            let _ = peers
+                .request(&source, "migrate-progress", body, Duration::from_secs(10))
+                .await;
+        });
+    }
+}
+
+/// Writes checkpoint `id`'s pages into the stream (see
+/// [`WireDecoder::take_preload`](dwcp_hde::wire::WireDecoder::take_preload)).
+fn preload(
+    dec: &mut dwcp_hde::wire::WireDecoder,
+    store: &dwcp_hde::PageStore,
+    id: &str,
+    out: &mut Vec<u8>,
+    write: &mut dyn FnMut(&mut Vec<u8>) -> Result<(), String>,
+    done: &AtomicU64,
+) -> Result<u64, String> {
+    let (m, map) = store
+        .page_map(id)
+        .map_err(|e| format!("checkpoint {id}: {e}"))?;
+    let same = m.blocks.len() == dec.blocks().len()
+        && m.blocks
+            .iter()
+            .zip(dec.blocks())
+            .all(|(a, b)| a.name == b.name && a.length_bytes == b.length_bytes);
+    if !same {
+        return Err(format!(
+            "checkpoint {id} has another memory layout than the VM"
+        ));
+    }
+    let reader = store.snapshot().map_err(|e| e.to_string())?;
+    let zero = dwcp_hde::Digest::zero_page();
+    let mut n = 0u64;
+    for (b, p, d) in map.iter() {
+        if *d == zero {
+            continue;
+        }
+        let page = reader
+            .page(d)
+            .map_err(|e| format!("checkpoint {id}: {e}"))?
+            .ok_or_else(|| format!("checkpoint {id}: page {d} is missing"))?;
+        dec.preload_page(b as u16, p as u64, page, out)
+            .map_err(|e| e.to_string())?;
+        n += 1;
+        if out.len() >= 1 << 20 {
+            write(out)?;
+            done.store(dec.record_bytes(), Ordering::Relaxed);
+        }
+    }
+    dec.end_preload();
+    write(out)?;
+    Ok(n)
+}
 
 /// Reads QEMU's stream, encodes it for the wire, hands the records on.
 fn encode_stream(
@@ -704,15 +980,17 @@ fn encode_stream(
     tx: mpsc::Sender<Vec<u8>>,
     counters: &MigrationControl,
     known: Known,
-) -> Result<WireStats, String> {
+    level: i32,
+    backlog: u64,
+) -> Result<(WireStats, bool), String> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     let mut parser = StreamParser::new();
-    let mut enc = WireEncoder::new(1).map_err(|e| e.to_string())?;
-    let (digests, slots, store) = known;
-    enc.receiver_has(digests);
-    if let Ok(reader) = store.snapshot() {
-        enc.receiver_slots(slots, reader);
+    let mut enc = WireEncoder::new(level).map_err(|e| e.to_string())?;
+    enc.receiver_has(&known.offered, known.store.snapshot().ok());
+    enc.receiver_slots(known.slots);
+    if let Some((id, blocks)) = known.preload {
+        enc.offer_preload(&id, blocks);
     }
     let mut buf = vec![0u8; 1 << 20];
     let mut out = Vec::with_capacity(2 << 20);
@@ -731,30 +1009,51 @@ fn encode_stream(
                     if names.len() != parser.blocks().len() {
                         names = parser.blocks().iter().map(|b| b.name.clone()).collect();
                     }
-                    enc.encode(item, &names, &mut out)
-                        .map_err(|e| e.to_string())?;
+                    enc.encode(item, &names).map_err(|e| e.to_string())?;
                 }
                 Ok(None) => break,
                 Err(e) => return Err(format!("QEMU's stream: {e}")),
             }
         }
         // Hand on what is there at once: QEMU has sync points.
-        counters.stream_bytes.store(
-            parser.consumed_bytes(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        enc.flush(&mut out).map_err(|e| e.to_string())?;
+        counters
+            .stream_bytes
+            .store(parser.consumed_bytes(), Ordering::Relaxed);
         if !out.is_empty() {
             counters
                 .wire_bytes
-                .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
             let chunk = std::mem::replace(&mut out, Vec::with_capacity(2 << 20));
             if tx.blocking_send(chunk).is_err() {
                 return Err("the transfer to the destination ended".into());
             }
         }
+        // Stop reading QEMU while the destination is far behind: QEMU then
+        // sees the rate the whole path really has.
+        let sent = enc.stats().record_bytes;
+        let mut last = (
+            counters.done_at_destination.load(Ordering::Relaxed),
+            Instant::now(),
+        );
+        loop {
+            let done = counters.done_at_destination.load(Ordering::Relaxed);
+            if sent.saturating_sub(done) <= backlog {
+                break;
+            }
+            if tx.is_closed() {
+                return Err("the transfer to the destination ended".into());
+            }
+            if done != last.0 {
+                last = (done, Instant::now());
+            } else if last.1.elapsed() > Duration::from_secs(60) {
+                return Err("the destination reported no progress for 60 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
     parser.finish().map_err(|e| format!("QEMU's stream: {e}"))?;
-    Ok(enc.stats())
+    Ok((enc.stats(), enc.preloading()))
 }
 
 /// An `AsyncRead` over chunks from a channel.

@@ -513,14 +513,21 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             } else {
                 let n = |k: &str| r[k].as_u64().unwrap_or(0);
                 println!(
-                    "VM {name} runs on {to}: {:.1} s, {} on the wire for a {} stream ({} saved by dedup, {} by compression), {} rounds, switch-over {} ms",
+                    "VM {name} runs on {to}: {:.1} s, {} on the wire for a {} stream ({} saved by dedup{}, {} by compression and deltas), {} rounds, guest paused {}",
                     r["seconds"].as_f64().unwrap_or(0.0),
                     format_bytes(n("wire_bytes")),
                     format_bytes(n("stream_bytes")),
                     format_bytes(n("saved_by_dedup_bytes")),
+                    if r["preloaded"].as_bool() == Some(true) {
+                        format!(", {} pages preloaded from a replica", n("preloaded_pages"))
+                    } else {
+                        String::new()
+                    },
                     format_bytes(n("saved_by_compression_bytes")),
                     n("rounds"),
-                    n("switchover_ms")
+                    r["guest_pause_ms"]
+                        .as_u64()
+                        .map_or("?".into(), |ms| format!("{ms} ms at most")),
                 );
             }
         }

@@ -297,6 +297,10 @@ fn a_replica_at_the_destination_leaves_little_to_send() {
         r["pages_known_at_destination"].as_u64().expect("known") > 8000,
         "{r}"
     );
+    // The destination preloaded its replica: unchanged pages did not travel
+    // at all, not even as references.
+    assert_eq!(r["preloaded"], true, "{r}");
+    assert!(r["preloaded_pages"].as_u64().expect("same") > 7000, "{r}");
     // Random pages do not compress: without the replica the wire would
     // carry about the whole stream.
     assert!(

@@ -100,30 +100,37 @@ fn checkpoint(store: &PageStore, vm: &str, bytes: &[u8]) -> Result<Manifest, Hde
 /// Restores `id` and returns the memory the stream would give QEMU.
 fn restored_memory(store: &PageStore, id: &str) -> Result<Memory, HdeError> {
     let mut r = store.restore_stream(id)?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = r.next_chunk(50_000)? {
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(memory_of_stream(&bytes))
+}
+
+/// The memory (block 0) QEMU would hold after loading `bytes`.
+fn memory_of_stream(bytes: &[u8]) -> Memory {
     let mut p = StreamParser::new();
     let mut mem = Memory::new();
-    while let Some(chunk) = r.next_chunk(50_000)? {
-        p.feed(&chunk);
-        while let Some(item) = p.next_item().unwrap() {
-            if let Item::Page(rec) = item {
-                if rec.block != 0 {
-                    continue;
+    p.feed(bytes);
+    while let Some(item) = p.next_item().unwrap() {
+        if let Item::Page(rec) = item {
+            if rec.block != 0 {
+                continue;
+            }
+            let index = rec.page_index();
+            match rec.data {
+                PageData::Fill(0) => {
+                    mem.remove(&index);
                 }
-                let index = rec.page_index();
-                match rec.data {
-                    PageData::Fill(0) => {
-                        mem.remove(&index);
-                    }
-                    PageData::Full(d) => {
-                        mem.insert(index, d);
-                    }
-                    PageData::Fill(_) => panic!("nonzero fill"),
+                PageData::Full(d) => {
+                    mem.insert(index, d);
                 }
+                PageData::Fill(_) => panic!("nonzero fill"),
             }
         }
     }
     p.finish().unwrap();
-    Ok(mem)
+    mem
 }
 
 fn open() -> (tempfile::TempDir, PageStore) {
@@ -397,41 +404,134 @@ fn replicas_carry_only_what_the_other_store_lacks() {
     assert!(crate::replica::decode_objects(&[0, 0, 0, 2, b'{', b'}', 0, 0, 0, 0, 1]).is_err());
 }
 
+/// Encodes `s` as a source would, handing on a chunk every `piece` bytes.
+fn wire_encode(enc: &mut crate::wire::WireEncoder, s: &[u8], piece: usize) -> Vec<u8> {
+    let mut p = StreamParser::new();
+    let mut wire = Vec::new();
+    for chunk in s.chunks(piece) {
+        p.feed(chunk);
+        while let Some(item) = p.next_item().unwrap() {
+            let names: Vec<String> = p.blocks().iter().map(|b| b.name.clone()).collect();
+            enc.encode(item, &names).unwrap();
+        }
+        enc.flush(&mut wire).unwrap();
+    }
+    p.finish().unwrap();
+    wire
+}
+
 #[test]
 fn the_wire_format_rebuilds_the_stream_and_sends_repeats_as_references() {
     use crate::wire::{WireDecoder, WireEncoder};
     let first = memory((0..200).map(|i| (i, i % 50)));
     let mut last = first.clone();
     last.insert(3, text_page(9999));
+    // Page 7 changes a little: a delta against its first version.
+    let mut p7 = first[&7].clone();
+    p7[100..120].copy_from_slice(b"a few changed bytes!");
+    last.insert(7, p7);
     let s = stream(&first, &last, &[3, 7, 9]);
-    let mut enc = WireEncoder::new(1).unwrap();
-    let mut p = StreamParser::new();
-    let mut wire = Vec::new();
-    for chunk in s.chunks(5000) {
-        p.feed(chunk);
-        while let Some(item) = p.next_item().unwrap() {
-            let names: Vec<String> = p.blocks().iter().map(|b| b.name.clone()).collect();
-            enc.encode(item, &names, &mut wire).unwrap();
-        }
-    }
+    let mut enc = WireEncoder::new(3).unwrap();
+    let wire = wire_encode(&mut enc, &s, 5000);
     let st = enc.stats();
     assert_eq!(st.stream_bytes, s.len() as u64);
-    // 200 pages of 50 contents, 2 of them sent again unchanged: refs.
-    assert!(st.ref_pages >= 150, "{st:?}");
-    assert!(st.wire_bytes * 4 < st.stream_bytes, "{st:?}");
-    let mut dec = WireDecoder::new();
+    assert_eq!(st.wire_bytes, wire.len() as u64);
+    // 200 pages of 50 contents: the repeats are references, page 9 (sent
+    // again unchanged) too; page 7 a delta.
+    assert!(st.ref_pages >= 151, "{st:?}");
+    assert_eq!(st.delta_pages, 1, "{st:?}");
+    assert!(st.wire_bytes * 20 < st.stream_bytes, "{st:?}");
+    let mut dec = WireDecoder::new().unwrap();
     let mut out = Vec::new();
     for chunk in wire.chunks(777) {
         dec.feed(chunk, &mut out).unwrap();
     }
     assert!(dec.is_idle());
-    assert_eq!(out, s);
-    // A lie (a page's bytes changed in flight) is caught.
-    let mut bad = wire.clone();
-    let n = bad.len();
-    bad[n / 2] ^= 0x40;
-    let mut dec = WireDecoder::new();
+    assert_eq!(dec.record_bytes(), st.record_bytes);
+    assert_eq!(out, s, "the rebuilt stream is QEMU's, byte for byte");
+    // Damage anywhere is an error or a different stream, never a panic.
+    for at in (0..wire.len()).step_by(wire.len() / 50 + 1) {
+        let mut bad = wire.clone();
+        bad[at] ^= 0x40;
+        let mut dec = WireDecoder::new().unwrap();
+        let mut out = Vec::new();
+        let _ = bad.chunks(1000).try_for_each(|c| dec.feed(c, &mut out));
+    }
+}
+
+#[test]
+fn a_preloaded_replica_leaves_only_the_changes_to_send() {
+    use crate::wire::{WireDecoder, WireEncoder};
+    let (_d, store) = open();
+    let first = memory((0..200).map(|i| (i, i + 1000)));
+    let base = checkpoint(&store, "vm", &stream(&first, &first, &[])).unwrap();
+    // Since the checkpoint: pages 10..20 rewritten, 30 zeroed, 40 changed
+    // a little, 50 takes 60's content; 10 dirtied again later.
+    let mut last = first.clone();
+    for i in 10..20 {
+        last.insert(i, text_page(5000 + i));
+    }
+    last.remove(&30);
+    let mut p40 = first[&40].clone();
+    p40[9..14].copy_from_slice(b"xxxxx");
+    last.insert(40, p40);
+    last.insert(50, first[&60].clone());
+    let mut mid = last.clone();
+    mid.insert(10, text_page(7777));
+    let s = stream(&mid, &last, &[10]);
+
+    let (_, map) = store.page_map(&base.id).unwrap();
+    let zero = Digest::zero_page();
+    let slots: Vec<((u16, u64), Digest)> = map
+        .iter()
+        .filter(|(_, _, d)| **d != zero)
+        .map(|(b, p, d)| ((b as u16, p as u64), *d))
+        .collect();
+    let offered = store.latest_pages_of("vm").unwrap();
+    let mut enc = WireEncoder::new(3).unwrap();
+    enc.receiver_has(&offered, Some(store.snapshot().unwrap()));
+    enc.receiver_slots(slots.iter().copied());
+    enc.offer_preload(&base.id, base.blocks.clone());
+    let wire = wire_encode(&mut enc, &s, 3000);
+    let st = enc.stats();
+    assert!(enc.preloading());
+    assert!(st.same_pages >= 185, "{st:?}");
+    assert_eq!(st.delta_pages, 1, "{st:?}");
+    assert!(st.wire_bytes < 12 * 4096, "{st:?}");
+
+    let mut dec = WireDecoder::with_store(offered, store.snapshot().unwrap()).unwrap();
     let mut out = Vec::new();
-    let r = bad.chunks(1000).try_for_each(|c| dec.feed(c, &mut out));
-    assert!(r.is_err() || out != s);
+    for chunk in wire.chunks(500) {
+        dec.feed(chunk, &mut out).unwrap();
+        if let Some(id) = dec.take_preload() {
+            assert_eq!(id, base.id);
+            for &((b, p), d) in &slots {
+                let page = store.read_page(&d).unwrap().unwrap();
+                dec.preload_page(b, p, page, &mut out).unwrap();
+            }
+            dec.end_preload();
+            dec.feed(&[], &mut out).unwrap();
+        }
+    }
+    assert!(dec.is_idle());
+    assert_eq!(dec.record_bytes(), st.record_bytes);
+    assert_eq!(
+        memory_of_stream(&out),
+        last,
+        "QEMU ends with the source's memory"
+    );
+
+    // Without the preload, the same records are refused, not misapplied.
+    let mut dec = WireDecoder::with_store(Vec::new(), store.snapshot().unwrap()).unwrap();
+    let mut out = Vec::new();
+    let r = wire.chunks(500).try_for_each(|c| {
+        dec.feed(c, &mut out)?;
+        if dec.take_preload().is_some() {
+            dec.end_preload();
+            dec.feed(&[], &mut out)?;
+        }
+        Ok::<_, HdeError>(())
+    });
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("said to be here already"), "{e}");
 }

@@ -1,193 +1,394 @@
 //! The migration wire format: a VM image stream as it crosses the network.
 //!
-//! [`WireEncoder`] turns stream items into records: verbatim runs (stream
-//! framing, device state), and pages as a fill byte, a reference to a page
-//! already sent in this migration (32-byte digest), or a store object
-//! (zstd, raw). [`WireDecoder`] turns records back into the exact stream
-//! bytes, checking every page against its digest. Both are sans-IO.
+//! [`WireEncoder`] turns stream items into records and compresses the
+//! records as one zstd stream, flushed whenever the caller hands a chunk on
+//! (so nothing waits for more input). One stream rather than a frame per
+//! page lets zstd find repeats across pages, as QEMU's multifd does per
+//! channel, and on top of it pages are sent
+//! - as a fill byte (QEMU's zero pages),
+//! - as a reference to content the receiver holds: a page sent earlier in
+//!   this migration and still in the receiver's ring of recent pages, or a
+//!   page of the checkpoint the receiver offered (`Known`),
+//! - as nothing at all (`Same`, in runs) when the receiver's QEMU holds that
+//!   very content at that very place: the receiver preloaded a replica of
+//!   this VM's checkpoint before the first page arrived,
+//! - as an XOR delta against the version the receiver holds, when the page
+//!   changed a little,
+//! - or as the page itself.
 //!
-//! Record layout: a tag byte, then
-//! - `0` verbatim: kind (0 meta, 1 tail), be32 length, bytes;
-//! - `1` fill, `2` ref, `3` object: be16 block, be64 offset, named (0/1),
-//!   then the fill byte / the digest / the digest, be32 length, object.
+//! [`WireDecoder`] turns records back into a stream QEMU loads: the source's
+//! bytes exactly, plus, when asked to preload, the preloaded pages written
+//! right after the RAM block list. A page rebuilt from a reference or a
+//! delta is checked against a digest prefix the sender put in the record.
+//! Both are sans-IO.
+//!
+//! Record layout (inside the zstd stream): a tag byte (low bits the kind,
+//! `NAMED` set when QEMU named the block), then
+//! - `VERBATIM`: tail (0/1), kind, be32 length, bytes;
+//! - `FILL`: be16 block, be64 offset, the byte;
+//! - `PAGE`: be16 block, be64 offset, 4096 bytes;
+//! - `DELTA`: be16 block, be64 offset, base ref, 8-byte check, 4096 XOR bytes;
+//! - `REF`: be16 block, be64 offset, ref, 8-byte check;
+//! - `SAME`: be16 block, be64 first page index, be32 count;
+//! - `PRELOAD`: be16 length, the checkpoint id the receiver is to preload.
+//!
+//! A ref is a kind byte (0: the ring, by sequence number; 1: the receiver's
+//! offered pages, by index) and a be32.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 
-use dwcp_vmstream::{Item, MetaKind, PageData, PageRecord, StreamWriter, PAGE_SIZE};
+use dwcp_vmstream::{Block, Item, MetaKind, PageData, PageRecord, StreamWriter, PAGE_SIZE};
+use zstd::stream::raw::{CParameter, DParameter, InBuffer, Operation, OutBuffer};
 
-use crate::codec::{self, Encoder};
+use crate::codec::Page;
 use crate::{Digest, HdeError};
 
 const TAG_VERBATIM: u8 = 0;
 const TAG_FILL: u8 = 1;
-const TAG_REF: u8 = 2;
-const TAG_OBJECT: u8 = 3;
+const TAG_PAGE: u8 = 2;
+const TAG_DELTA: u8 = 3;
+const TAG_REF: u8 = 4;
+const TAG_SAME: u8 = 5;
+const TAG_PRELOAD: u8 = 6;
+const NAMED: u8 = 0x80;
 /// Largest verbatim run accepted (a device state piece).
 const MAX_VERBATIM: usize = 64 << 20;
+/// Pages both sides keep of those sent in this migration (64 MiB): the
+/// targets of ring references and delta bases.
+pub const RING_PAGES: u64 = 16 * 1024;
+/// zstd window: repeats within 8 MiB of stream are found.
+const WINDOW_LOG: u32 = 23;
+/// A changed page goes as a delta when at most this many bytes differ.
+const DELTA_MAX_CHANGED: usize = PAGE_SIZE / 2;
+/// What a preloaded page counts for in [`WireStats::record_bytes`].
+const PRELOAD_PAGE_COST: u64 = 11 + PAGE_SIZE as u64;
+/// Longest run of `Same` pages in one record.
+const MAX_RUN: u32 = 1 << 20;
 
 /// What the encoder did, for progress and the summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WireStats {
     pub stream_bytes: u64,
+    /// Bytes handed on (compressed records).
     pub wire_bytes: u64,
+    /// Bytes of the records before compression: about the receiver's work
+    /// (see [`WireDecoder::record_bytes`]).
+    pub record_bytes: u64,
     pub pages: u64,
     pub fill_pages: u64,
-    /// Pages sent as a reference to content the receiver already has.
+    /// Pages sent as a reference to content the receiver holds.
     pub ref_pages: u64,
-    pub object_pages: u64,
-    /// Stream bytes saved by references.
-    pub saved_by_dedup: u64,
-    /// Stream bytes saved by compression (deltas included).
-    pub saved_by_compression: u64,
-    /// Pages sent as a delta against the version the receiver holds.
+    /// Pages the receiver's QEMU held already where they belong (preload).
+    pub same_pages: u64,
+    /// Pages sent as an XOR delta against the version the receiver holds.
     pub delta_pages: u64,
+    /// Pages sent whole.
+    pub full_pages: u64,
+    /// Stream bytes saved by references and preloaded pages.
+    pub saved_by_dedup: u64,
+    /// Stream bytes saved by compression and deltas.
+    pub saved_by_compression: u64,
 }
 
-/// Pages kept by the encoder as delta bases for pages dirtied again.
-const BASE_CACHE_PAGES: usize = 16 * 1024;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ref {
+    Ring(u32),
+    Known(u32),
+}
 
+impl Ref {
+    fn put(self, out: &mut Vec<u8>) {
+        let (k, v) = match self {
+            Ref::Ring(s) => (0u8, s),
+            Ref::Known(i) => (1u8, i),
+        };
+        out.push(k);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+fn check_of(d: &Digest) -> [u8; 8] {
+    d.0[..8].try_into().unwrap_or_default()
+}
+
+fn xor_into(a: &Page, b: &Page, out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend(a.iter().zip(b.iter()).map(|(x, y)| x ^ y));
+    out[start..].iter().filter(|&&x| x != 0).count()
+}
+
+/// Encodes a VM image stream for the wire. See the module docs.
 pub struct WireEncoder {
-    encoder: Encoder,
-    sent: HashSet<Digest>,
+    zstd: zstd::stream::raw::Encoder<'static>,
+    /// Records not yet compressed.
+    raw: Vec<u8>,
     stats: WireStats,
-    /// Per page slot, the version the receiver holds (a delta base).
+    /// Sequence number of the next page that enters the ring.
+    seq: u64,
+    /// Newest sequence number of each content sent.
+    sent: HashMap<Digest, u64>,
+    /// Contents of the last `RING_PAGES` pages sent (index `seq % RING`).
+    ring: VecDeque<Box<Page>>,
+    /// Pages the receiver offered: index in its list.
+    known: HashMap<Digest, u32>,
+    /// Per page slot (block, page index), the version the receiver holds.
     slots: HashMap<(u16, u64), Digest>,
-    /// Contents of recently sent pages, for deltas.
-    cache: HashMap<Digest, Box<codec::Page>>,
-    cache_order: std::collections::VecDeque<Digest>,
-    /// Where contents of the receiver's pages are found (this node's copy
-    /// of the checkpoint the receiver holds).
+    /// Where contents of the receiver's offered pages are found here.
     store: Option<crate::PageReader>,
-    /// Delta depth of the objects sent, so chains stay short.
-    depths: HashMap<Digest, u8>,
+    /// The receiver's QEMU holds `slots` already (it preloads checkpoint
+    /// `.0`, whose blocks are `.1`); `None` once announced or refused.
+    preload: Option<(String, Vec<crate::BlockInfo>)>,
+    preloading: bool,
+    /// A run of `Same` pages not yet written: block, first index, count.
+    run: Option<(u16, u64, u32)>,
 }
 
 impl WireEncoder {
     pub fn new(level: i32) -> Result<WireEncoder, HdeError> {
+        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
+        let mut zstd = zstd::stream::raw::Encoder::new(level).map_err(zerr)?;
+        zstd.set_parameter(CParameter::WindowLog(WINDOW_LOG))
+            .map_err(zerr)?;
         Ok(WireEncoder {
-            encoder: Encoder::new(level)?,
-            sent: HashSet::new(),
+            zstd,
+            raw: Vec::with_capacity(1 << 20),
             stats: WireStats::default(),
+            seq: 0,
+            sent: HashMap::new(),
+            ring: VecDeque::new(),
+            known: HashMap::new(),
             slots: HashMap::new(),
-            cache: HashMap::new(),
-            cache_order: Default::default(),
             store: None,
-            depths: HashMap::new(),
+            preload: None,
+            preloading: false,
+            run: None,
         })
     }
 
+    /// The receiver offered these pages (in this order): they are sent as
+    /// references. `store` holds their contents here, for deltas.
+    pub fn receiver_has(&mut self, offered: &[Digest], store: Option<crate::PageReader>) {
+        for (i, d) in offered.iter().enumerate() {
+            self.known.entry(*d).or_insert(i as u32);
+        }
+        self.store = store;
+    }
+
     /// The receiver holds, for these page slots (block, page index), the
-    /// versions with these digests, whose contents are in `store` here:
-    /// changed pages are sent as deltas against them.
-    pub fn receiver_slots(
-        &mut self,
-        slots: impl IntoIterator<Item = ((u16, u64), Digest)>,
-        store: crate::PageReader,
-    ) {
+    /// versions with these digests: changed pages go as deltas against
+    /// them (when their content is found here).
+    pub fn receiver_slots(&mut self, slots: impl IntoIterator<Item = ((u16, u64), Digest)>) {
         self.slots.extend(slots);
-        self.store = Some(store);
     }
 
-    fn base(&mut self, slot: (u16, u64)) -> Option<(Digest, Box<codec::Page>)> {
-        let d = *self.slots.get(&slot)?;
-        if let Some(p) = self.cache.get(&d) {
-            return Some((d, p.clone()));
-        }
-        let p = self.store.as_ref()?.page(&d).ok()??;
-        Some((d, p))
+    /// The receiver can preload checkpoint `id` (blocks `blocks`, pages
+    /// given with [`receiver_slots`](Self::receiver_slots)) into its QEMU
+    /// before the first page: asked for if the stream's block list is the
+    /// checkpoint's. Pages unchanged since then are not sent at all.
+    pub fn offer_preload(&mut self, id: &str, blocks: Vec<crate::BlockInfo>) {
+        self.preload = Some((id.to_string(), blocks));
     }
 
-    fn remember(&mut self, slot: (u16, u64), d: Digest, page: &codec::Page) {
-        self.slots.insert(slot, d);
-        if self.cache.insert(d, Box::new(*page)).is_none() {
-            self.cache_order.push_back(d);
-            if self.cache_order.len() > BASE_CACHE_PAGES {
-                if let Some(old) = self.cache_order.pop_front() {
-                    self.cache.remove(&old);
-                }
-            }
-        }
-    }
-
-    /// Content the receiver is known to hold already.
-    pub fn receiver_has(&mut self, digests: impl IntoIterator<Item = Digest>) {
-        self.sent.extend(digests);
+    /// Whether the receiver was asked to preload.
+    pub fn preloading(&self) -> bool {
+        self.preloading
     }
 
     pub fn stats(&self) -> WireStats {
-        self.stats
+        let mut s = self.stats;
+        s.saved_by_compression = s
+            .stream_bytes
+            .saturating_sub(s.saved_by_dedup)
+            .saturating_sub(s.wire_bytes);
+        s
     }
 
-    /// Appends the record for `item` to `out`.
-    pub fn encode(
-        &mut self,
-        item: Item,
-        names: &[String],
-        out: &mut Vec<u8>,
-    ) -> Result<(), HdeError> {
-        let start = out.len();
-        match item {
-            Item::Meta { kind, bytes } => {
-                self.stats.stream_bytes += bytes.len() as u64;
-                verbatim(out, 0, kind_code(kind), &bytes);
-            }
-            Item::Tail(bytes) => {
-                self.stats.stream_bytes += bytes.len() as u64;
-                verbatim(out, 1, 0, &bytes);
-            }
-            Item::Page(p) => {
-                let name_len = names.get(p.block as usize).map_or(0, |n| n.len());
-                self.stats.stream_bytes += p.stream_len(name_len) as u64;
-                self.stats.pages += 1;
-                let page_head = |out: &mut Vec<u8>, tag: u8| {
-                    out.push(tag);
-                    out.extend_from_slice(&p.block.to_be_bytes());
-                    out.extend_from_slice(&p.offset.to_be_bytes());
-                    out.push(p.named as u8);
-                };
-                match &p.data {
-                    PageData::Fill(b) => {
-                        self.stats.fill_pages += 1;
-                        page_head(out, TAG_FILL);
-                        out.push(*b);
+    /// Adds the record(s) for `item`. `names` are the stream's block names.
+    pub fn encode(&mut self, item: Item, names: &[String]) -> Result<(), HdeError> {
+        let Item::Page(p) = item else {
+            self.end_run();
+            match item {
+                Item::Meta { kind, bytes } => {
+                    self.stats.stream_bytes += bytes.len() as u64;
+                    if kind == MetaKind::RamBlocks {
+                        self.maybe_preload(&bytes);
                     }
-                    PageData::Full(data) => {
-                        let d = Digest::of(&data[..]);
-                        if self.sent.contains(&d) {
-                            self.stats.ref_pages += 1;
-                            self.stats.saved_by_dedup += PAGE_SIZE as u64;
-                            page_head(out, TAG_REF);
-                            out.extend_from_slice(&d.0);
-                        } else {
-                            let slot = (p.block, p.offset / PAGE_SIZE as u64);
-                            let base = self.base(slot);
-                            let base_depth = base
-                                .as_ref()
-                                .map_or(0, |(bd, _)| self.depths.get(bd).copied().unwrap_or(0));
-                            let (obj, how) = self.encoder.page(
-                                data,
-                                base.as_ref().map(|(bd, bp)| (bd, &**bp, base_depth)),
-                            )?;
-                            if how == codec::Encoding::Delta {
-                                self.stats.delta_pages += 1;
-                                self.depths.insert(d, base_depth + 1);
-                            }
-                            self.stats.object_pages += 1;
-                            self.stats.saved_by_compression +=
-                                (PAGE_SIZE as u64).saturating_sub(obj.len() as u64);
-                            page_head(out, TAG_OBJECT);
-                            out.extend_from_slice(&d.0);
-                            out.extend_from_slice(&(obj.len() as u32).to_be_bytes());
-                            out.extend_from_slice(&obj);
-                            self.sent.insert(d);
-                            self.remember(slot, d, data);
-                        }
-                    }
+                    verbatim(&mut self.raw, 0, kind_code(kind), &bytes);
+                }
+                Item::Tail(bytes) => {
+                    self.stats.stream_bytes += bytes.len() as u64;
+                    verbatim(&mut self.raw, 1, 0, &bytes);
+                }
+                Item::Page(_) => {}
+            }
+            return Ok(());
+        };
+        let name_len = names.get(p.block as usize).map_or(0, |n| n.len());
+        self.stats.stream_bytes += p.stream_len(name_len) as u64;
+        self.stats.pages += 1;
+        let slot = (p.block, p.offset / PAGE_SIZE as u64);
+        let data = match &p.data {
+            PageData::Fill(b) => {
+                self.end_run();
+                self.stats.fill_pages += 1;
+                // The receiver's version is a fill now: no base, never Same.
+                self.slots.remove(&slot);
+                self.head(&p, TAG_FILL);
+                self.raw.push(*b);
+                return Ok(());
+            }
+            PageData::Full(data) => data,
+        };
+        let d = Digest::of(&data[..]);
+        if self.preloading && self.slots.get(&slot) == Some(&d) {
+            self.stats.same_pages += 1;
+            self.stats.saved_by_dedup += PAGE_SIZE as u64;
+            match &mut self.run {
+                Some((b, first, n))
+                    if *b == slot.0 && *first + *n as u64 == slot.1 && *n < MAX_RUN =>
+                {
+                    *n += 1
+                }
+                _ => {
+                    self.end_run();
+                    self.run = Some((slot.0, slot.1, 1));
                 }
             }
+            return Ok(());
         }
+        self.end_run();
+        if let Some(r) = self.reference(&d) {
+            self.stats.ref_pages += 1;
+            self.stats.saved_by_dedup += PAGE_SIZE as u64;
+            self.head(&p, TAG_REF);
+            r.put(&mut self.raw);
+            self.raw.extend_from_slice(&check_of(&d));
+            self.slots.insert(slot, d);
+            return Ok(());
+        }
+        // A delta when the receiver's version is at hand on both sides and
+        // the page changed little.
+        let mut sent_as_delta = false;
+        if let Some((r, base)) = self.base(slot) {
+            let mark = self.raw.len();
+            self.head(&p, TAG_DELTA);
+            r.put(&mut self.raw);
+            self.raw.extend_from_slice(&check_of(&d));
+            if xor_into(data, &base, &mut self.raw) <= DELTA_MAX_CHANGED {
+                sent_as_delta = true;
+                self.stats.delta_pages += 1;
+            } else {
+                self.raw.truncate(mark);
+            }
+        }
+        if !sent_as_delta {
+            self.stats.full_pages += 1;
+            self.head(&p, TAG_PAGE);
+            self.raw.extend_from_slice(&data[..]);
+        }
+        self.enter_ring(d, data);
+        self.slots.insert(slot, d);
+        Ok(())
+    }
+
+    /// Compresses the records added so far and appends them, flushed, to
+    /// `out`: the receiver can rebuild everything encoded up to here.
+    pub fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), HdeError> {
+        self.end_run();
+        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
+        let start = out.len();
+        let raw = std::mem::take(&mut self.raw);
+        self.stats.record_bytes += raw.len() as u64;
+        let mut input = InBuffer::around(&raw);
+        loop {
+            out.reserve(raw.len() / 2 + (64 << 10));
+            let pos = out.len();
+            let mut ob = OutBuffer::around_pos(out, pos);
+            if input.pos() < raw.len() {
+                self.zstd.run(&mut input, &mut ob).map_err(zerr)?;
+            } else if self.zstd.flush(&mut ob).map_err(zerr)? == 0 {
+                break;
+            }
+        }
+        self.raw = raw;
+        self.raw.clear();
         self.stats.wire_bytes += (out.len() - start) as u64;
         Ok(())
+    }
+
+    fn head(&mut self, p: &PageRecord, tag: u8) {
+        self.raw.push(tag | if p.named { NAMED } else { 0 });
+        self.raw.extend_from_slice(&p.block.to_be_bytes());
+        self.raw.extend_from_slice(&p.offset.to_be_bytes());
+    }
+
+    fn end_run(&mut self) {
+        if let Some((b, first, n)) = self.run.take() {
+            self.raw.push(TAG_SAME);
+            self.raw.extend_from_slice(&b.to_be_bytes());
+            self.raw.extend_from_slice(&first.to_be_bytes());
+            self.raw.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+
+    fn maybe_preload(&mut self, block_list: &[u8]) {
+        let Some((id, blocks)) = self.preload.take() else {
+            return;
+        };
+        let stream: Vec<crate::BlockInfo> = dwcp_vmstream::block_list(block_list)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|b| crate::BlockInfo {
+                name: b.name,
+                length_bytes: b.length_bytes,
+            })
+            .collect();
+        if stream != blocks {
+            // Another memory layout: the receiver's slots mean nothing.
+            self.slots.clear();
+            return;
+        }
+        // The receiver's work for the preload counts as the records of
+        // its pages would.
+        self.stats.record_bytes += self.slots.len() as u64 * PRELOAD_PAGE_COST;
+        self.raw.push(TAG_PRELOAD);
+        self.raw.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        self.raw.extend_from_slice(id.as_bytes());
+        self.preloading = true;
+    }
+
+    fn reference(&self, d: &Digest) -> Option<Ref> {
+        if let Some(&s) = self.sent.get(d) {
+            if self.seq - s <= RING_PAGES {
+                return Some(Ref::Ring(s as u32));
+            }
+        }
+        self.known.get(d).map(|&i| Ref::Known(i))
+    }
+
+    fn enter_ring(&mut self, d: Digest, page: &Page) {
+        if self.ring.len() as u64 == RING_PAGES {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(Box::new(*page));
+        self.sent.insert(d, self.seq);
+        self.seq += 1;
+    }
+
+    /// The receiver's version of a slot, as a reference and its content.
+    fn base(&self, slot: (u16, u64)) -> Option<(Ref, Box<Page>)> {
+        let d = self.slots.get(&slot)?;
+        match self.reference(d)? {
+            Ref::Ring(s) => {
+                let back = self.seq - s as u64;
+                let i = self.ring.len().checked_sub(back as usize)?;
+                Some((Ref::Ring(s), self.ring.get(i)?.clone()))
+            }
+            Ref::Known(i) => {
+                let p = self.store.as_ref()?.page(d).ok()??;
+                Some((Ref::Known(i), p))
+            }
+        }
     }
 }
 
@@ -210,61 +411,248 @@ fn kind_code(k: MetaKind) -> u8 {
     }
 }
 
-/// Rebuilds stream bytes from records, incrementally.
-pub struct WireDecoder {
-    buf: Vec<u8>,
-    writer: StreamWriter,
-    /// Pages received, in their encoded form, for references.
-    pages: HashMap<Digest, Vec<u8>>,
-    /// Where references to pages not sent in this migration are found
-    /// (the pages this node offered from its store).
-    store: Option<crate::PageReader>,
+#[derive(Debug, PartialEq, Eq)]
+enum Preload {
+    None,
+    /// Asked for; done once the block list is written.
+    Asked(String),
+    /// The block list is written: the caller preloads now.
+    Ready(String),
+    Loading,
+    Done,
 }
 
-impl Default for WireDecoder {
-    fn default() -> Self {
-        Self::new()
-    }
+/// Rebuilds stream bytes from the wire, incrementally. See the module docs.
+pub struct WireDecoder {
+    zstd: zstd::stream::raw::Decoder<'static>,
+    /// Compressed bytes not yet decompressed (held while a preload runs).
+    input: Vec<u8>,
+    /// Decompressed bytes not yet a whole record.
+    buf: Vec<u8>,
+    writer: StreamWriter,
+    seq: u64,
+    ring: VecDeque<Box<Page>>,
+    known: Vec<Digest>,
+    store: Option<crate::PageReader>,
+    /// Block of the last page written (QEMU's `CONTINUE` refers to it).
+    last_block: Option<u16>,
+    blocks: Vec<Block>,
+    /// Per block, a bit per page: written in this stream (or preloaded).
+    held: Vec<Vec<u64>>,
+    preload: Preload,
+    record_bytes: u64,
 }
 
 impl WireDecoder {
-    pub fn new() -> WireDecoder {
-        WireDecoder {
+    pub fn new() -> Result<WireDecoder, HdeError> {
+        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
+        let mut zstd = zstd::stream::raw::Decoder::new().map_err(zerr)?;
+        zstd.set_parameter(DParameter::WindowLogMax(WINDOW_LOG))
+            .map_err(zerr)?;
+        Ok(WireDecoder {
+            zstd,
+            input: Vec::new(),
             buf: Vec::new(),
             writer: StreamWriter::new(),
-            pages: HashMap::new(),
+            seq: 0,
+            ring: VecDeque::new(),
+            known: Vec::new(),
             store: None,
-        }
+            last_block: None,
+            blocks: Vec::new(),
+            held: Vec::new(),
+            preload: Preload::None,
+            record_bytes: 0,
+        })
     }
 
-    /// A decoder that also finds referenced pages in a store snapshot.
-    pub fn with_store(store: crate::PageReader) -> WireDecoder {
-        WireDecoder {
-            store: Some(store),
-            ..WireDecoder::new()
-        }
+    /// A decoder for a receiver that offered pages `offered` (in this
+    /// order) from `store`.
+    pub fn with_store(offered: Vec<Digest>, store: crate::PageReader) -> Result<Self, HdeError> {
+        let mut d = WireDecoder::new()?;
+        d.known = offered;
+        d.store = Some(store);
+        Ok(d)
     }
 
-    /// Takes received bytes; appends the stream bytes they complete to `out`.
+    /// Takes received bytes; appends the stream bytes they complete to
+    /// `out`. While a preload is due (see [`take_preload`](Self::take_preload))
+    /// the bytes are only kept.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), HdeError> {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.extend_from_slice(bytes);
+        self.input.extend_from_slice(bytes);
+        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
+        let input = std::mem::take(&mut self.input);
         let mut at = 0;
         let r = loop {
+            if let Err(e) = self.records(out) {
+                break Err(e);
+            }
+            if self.blocked() {
+                break Ok(());
+            }
+            // Decompress a bounded piece (at most about 1 MiB beyond what
+            // is held), then turn it into records.
+            let mut inb = InBuffer::around(&input[at..]);
+            let before = self.buf.len();
+            self.buf.reserve(1 << 20);
+            let mut piece = std::mem::take(&mut self.buf);
+            let produced = {
+                let mut ob = OutBuffer::around_pos(&mut piece, before);
+                self.zstd
+                    .run(&mut inb, &mut ob)
+                    .map(|_| ob.pos() - before)
+                    .map_err(zerr)
+            };
+            self.buf = piece;
+            let used = inb.pos();
+            at += used;
+            match produced {
+                Err(e) => break Err(e),
+                Ok(0) if used == 0 => break Ok(()),
+                Ok(_) => {}
+            }
+        };
+        self.input = input;
+        self.input.drain(..at);
+        r
+    }
+
+    fn blocked(&self) -> bool {
+        matches!(self.preload, Preload::Ready(_) | Preload::Loading)
+    }
+
+    /// Whether nothing is left half-done.
+    pub fn is_idle(&self) -> bool {
+        self.buf.is_empty() && self.input.is_empty()
+    }
+
+    /// The checkpoint the sender asked this node to preload, once its
+    /// QEMU has the block list: the caller writes its pages with
+    /// [`preload_page`](Self::preload_page), calls
+    /// [`end_preload`](Self::end_preload), then feeds on.
+    pub fn take_preload(&mut self) -> Option<String> {
+        match std::mem::replace(&mut self.preload, Preload::Loading) {
+            Preload::Ready(id) => Some(id),
+            other => {
+                self.preload = other;
+                None
+            }
+        }
+    }
+
+    /// The stream's RAM blocks (known once the block list went by).
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// Writes a preloaded page: page `index` of block `block`.
+    pub fn preload_page(
+        &mut self,
+        block: u16,
+        index: u64,
+        page: Box<Page>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), HdeError> {
+        if self.preload != Preload::Loading {
+            return Err(HdeError::Stream(
+                "a preloaded page outside a preload".into(),
+            ));
+        }
+        let rec = PageRecord {
+            block,
+            offset: index * PAGE_SIZE as u64,
+            named: true,
+            data: PageData::Full(page),
+        };
+        self.record_bytes += PRELOAD_PAGE_COST;
+        self.write_page(rec, out)
+    }
+
+    pub fn end_preload(&mut self) {
+        if self.preload == Preload::Loading {
+            self.preload = Preload::Done;
+        }
+    }
+
+    fn records(&mut self, out: &mut Vec<u8>) -> Result<(), HdeError> {
+        let buf = std::mem::take(&mut self.buf);
+        let mut at = 0;
+        let r = loop {
+            if self.blocked() {
+                break Ok(());
+            }
             match self.record(&buf[at..], out) {
                 Ok(Some(n)) => at += n,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             }
         };
-        buf.drain(..at);
         self.buf = buf;
+        self.buf.drain(..at);
+        self.record_bytes += at as u64;
         r
     }
 
-    /// Whether no partial record is left.
-    pub fn is_idle(&self) -> bool {
-        self.buf.is_empty()
+    /// Bytes of records decoded so far: the sender's
+    /// [`WireStats::record_bytes`] less what is still to do here.
+    pub fn record_bytes(&self) -> u64 {
+        self.record_bytes
+    }
+
+    fn write_page(&mut self, mut rec: PageRecord, out: &mut Vec<u8>) -> Result<(), HdeError> {
+        let bad = |w: String| HdeError::Stream(format!("malformed migration record: {w}"));
+        let index = rec.offset / PAGE_SIZE as u64;
+        let bits = self
+            .held
+            .get_mut(rec.block as usize)
+            .filter(|b| index < b.len() as u64 * 64)
+            .ok_or_else(|| {
+                bad(format!(
+                    "page {index} of block {} is outside memory",
+                    rec.block
+                ))
+            })?;
+        bits[(index / 64) as usize] |= 1 << (index % 64);
+        rec.named |= self.last_block != Some(rec.block);
+        self.last_block = Some(rec.block);
+        self.writer
+            .write(&Item::Page(rec), out)
+            .map_err(|e| HdeError::Stream(e.to_string()))
+    }
+
+    fn resolve(&self, r: Ref) -> Result<Box<Page>, HdeError> {
+        match r {
+            Ref::Ring(s) => {
+                let back = self.seq.checked_sub(s as u64).unwrap_or(u64::MAX);
+                self.ring
+                    .len()
+                    .checked_sub(back as usize)
+                    .and_then(|i| self.ring.get(i))
+                    .cloned()
+                    .ok_or_else(|| {
+                        HdeError::Stream(format!("a reference to page {s}, not among the recent"))
+                    })
+            }
+            Ref::Known(i) => {
+                let d = self.known.get(i as usize).ok_or_else(|| {
+                    HdeError::Stream(format!("a reference to offered page {i}, never offered"))
+                })?;
+                let store = self.store.as_ref().ok_or_else(|| {
+                    HdeError::Stream("a reference to an offered page, none offered".into())
+                })?;
+                store
+                    .page(d)?
+                    .ok_or_else(|| HdeError::Stream(format!("offered page {d} is not here")))
+            }
+        }
+    }
+
+    fn enter_ring(&mut self, page: &Page) {
+        if self.ring.len() as u64 == RING_PAGES {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(Box::new(*page));
+        self.seq += 1;
     }
 
     /// Decodes one record at the start of `b`; `None` if incomplete.
@@ -273,149 +661,177 @@ impl WireDecoder {
         let Some(&tag) = b.first() else {
             return Ok(None);
         };
-        if tag == TAG_VERBATIM {
-            if b.len() < 7 {
-                return Ok(None);
-            }
-            let n = u32::from_be_bytes([b[3], b[4], b[5], b[6]]) as usize;
-            if n > MAX_VERBATIM {
-                return Err(bad("verbatim run too long"));
-            }
-            if b.len() < 7 + n {
-                return Ok(None);
-            }
-            let bytes = b[7..7 + n].to_vec();
-            let item = match (b[1], b[2]) {
-                (1, _) => Item::Tail(bytes),
-                (0, 4) => Item::Meta {
-                    kind: MetaKind::RamBlocks,
-                    bytes,
-                },
-                // Other meta kinds are written as they are.
-                (0, _) => Item::Meta {
-                    kind: MetaKind::Header,
-                    bytes,
-                },
-                _ => return Err(bad("verbatim kind")),
-            };
-            self.writer
-                .write(&item, out)
-                .map_err(|e| HdeError::Stream(e.to_string()))?;
-            return Ok(Some(7 + n));
-        }
-        if b.len() < 12 {
-            return Ok(None);
-        }
-        let block = u16::from_be_bytes([b[1], b[2]]);
-        let offset = u64::from_be_bytes(b[3..11].try_into().map_err(|_| bad("offset"))?);
-        let named = match b[11] {
-            0 => false,
-            1 => true,
-            _ => return Err(bad("named flag")),
-        };
-        let (data, used) = match tag {
-            TAG_FILL => {
-                let Some(&f) = b.get(12) else {
-                    return Ok(None);
-                };
-                (PageData::Fill(f), 13)
-            }
-            TAG_REF => {
-                if b.len() < 44 {
+        let named = tag & NAMED != 0;
+        match tag & !NAMED {
+            TAG_VERBATIM => {
+                if b.len() < 7 {
                     return Ok(None);
                 }
-                let d = crate::store::digest_from(&b[12..44]);
-                let page = match (self.pages.get(&d).cloned(), &self.store) {
-                    (Some(obj), _) => self.decode_object(&obj, &d)?,
-                    (None, Some(store)) => store.page(&d)?.ok_or_else(|| {
-                        HdeError::Stream(format!(
-                            "a reference to page {d}, never sent and not stored here"
-                        ))
-                    })?,
-                    (None, None) => {
+                let n = u32::from_be_bytes([b[3], b[4], b[5], b[6]]) as usize;
+                if n > MAX_VERBATIM {
+                    return Err(bad("verbatim run too long"));
+                }
+                if b.len() < 7 + n {
+                    return Ok(None);
+                }
+                let bytes = b[7..7 + n].to_vec();
+                let item = match (b[1], b[2]) {
+                    (1, _) => Item::Tail(bytes),
+                    (0, 4) => {
+                        let blocks = dwcp_vmstream::block_list(&bytes)
+                            .ok_or_else(|| bad("a RAM block list that does not parse"))?;
+                        self.held = blocks
+                            .iter()
+                            .map(|b| vec![0u64; b.pages().div_ceil(64) as usize])
+                            .collect();
+                        self.blocks = blocks;
+                        if let Preload::Asked(id) = &self.preload {
+                            self.preload = Preload::Ready(id.clone());
+                        }
+                        Item::Meta {
+                            kind: MetaKind::RamBlocks,
+                            bytes,
+                        }
+                    }
+                    // Other meta kinds are written as they are.
+                    (0, _) => Item::Meta {
+                        kind: MetaKind::Header,
+                        bytes,
+                    },
+                    _ => return Err(bad("verbatim kind")),
+                };
+                self.writer
+                    .write(&item, out)
+                    .map_err(|e| HdeError::Stream(e.to_string()))?;
+                Ok(Some(7 + n))
+            }
+            TAG_PRELOAD => {
+                if b.len() < 3 {
+                    return Ok(None);
+                }
+                let n = u16::from_be_bytes([b[1], b[2]]) as usize;
+                if b.len() < 3 + n {
+                    return Ok(None);
+                }
+                if self.preload != Preload::None || !self.blocks.is_empty() {
+                    return Err(bad("a preload asked for late or twice"));
+                }
+                let id = std::str::from_utf8(&b[3..3 + n]).map_err(|_| bad("preload id"))?;
+                self.preload = Preload::Asked(id.to_string());
+                Ok(Some(3 + n))
+            }
+            TAG_SAME => {
+                if b.len() < 15 {
+                    return Ok(None);
+                }
+                let block = u16::from_be_bytes([b[1], b[2]]);
+                let first = u64::from_be_bytes(b[3..11].try_into().map_err(|_| bad("same"))?);
+                let n = u32::from_be_bytes([b[11], b[12], b[13], b[14]]) as u64;
+                let bits = self
+                    .held
+                    .get(block as usize)
+                    .ok_or_else(|| bad("a run of pages in no block"))?;
+                for i in first..first.saturating_add(n) {
+                    let held = bits
+                        .get((i / 64) as usize)
+                        .is_some_and(|w| w & (1 << (i % 64)) != 0);
+                    if !held {
                         return Err(HdeError::Stream(format!(
-                            "a reference to page {d}, never sent"
-                        )))
+                            "page {i} of block {block} said to be here already, and it is not"
+                        )));
+                    }
+                }
+                Ok(Some(15))
+            }
+            tag @ (TAG_FILL | TAG_PAGE | TAG_DELTA | TAG_REF) => {
+                if b.len() < 11 {
+                    return Ok(None);
+                }
+                let block = u16::from_be_bytes([b[1], b[2]]);
+                let offset = u64::from_be_bytes(b[3..11].try_into().map_err(|_| bad("offset"))?);
+                let body = &b[11..];
+                let get_ref = |b: &[u8]| -> Result<Ref, HdeError> {
+                    let v = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+                    match b[0] {
+                        0 => Ok(Ref::Ring(v)),
+                        1 => Ok(Ref::Known(v)),
+                        _ => Err(bad("reference kind")),
                     }
                 };
-                (PageData::Full(page), 44)
+                let checked = |page: Box<Page>, check: &[u8]| -> Result<Box<Page>, HdeError> {
+                    if check_of(&Digest::of(&page[..]))[..] != check[..8] {
+                        return Err(HdeError::Stream(format!(
+                            "page at {offset:#x} of block {block}: rebuilt content does not match"
+                        )));
+                    }
+                    Ok(page)
+                };
+                let (data, used) = match tag {
+                    TAG_FILL => {
+                        let Some(&f) = body.first() else {
+                            return Ok(None);
+                        };
+                        (PageData::Fill(f), 12)
+                    }
+                    TAG_PAGE => {
+                        if body.len() < PAGE_SIZE {
+                            return Ok(None);
+                        }
+                        let mut page = Box::new([0u8; PAGE_SIZE]);
+                        page.copy_from_slice(&body[..PAGE_SIZE]);
+                        self.enter_ring(&page);
+                        (PageData::Full(page), 11 + PAGE_SIZE)
+                    }
+                    TAG_REF => {
+                        if body.len() < 13 {
+                            return Ok(None);
+                        }
+                        let page = checked(self.resolve(get_ref(body)?)?, &body[5..13])?;
+                        (PageData::Full(page), 24)
+                    }
+                    _ => {
+                        if body.len() < 13 + PAGE_SIZE {
+                            return Ok(None);
+                        }
+                        let mut page = self.resolve(get_ref(body)?)?;
+                        for (p, x) in page.iter_mut().zip(&body[13..13 + PAGE_SIZE]) {
+                            *p ^= x;
+                        }
+                        let page = checked(page, &body[5..13])?;
+                        self.enter_ring(&page);
+                        (PageData::Full(page), 24 + PAGE_SIZE)
+                    }
+                };
+                let rec = PageRecord {
+                    block,
+                    offset,
+                    named,
+                    data,
+                };
+                self.write_page(rec, out)?;
+                Ok(Some(used))
             }
-            TAG_OBJECT => {
-                if b.len() < 48 {
-                    return Ok(None);
-                }
-                let d = crate::store::digest_from(&b[12..44]);
-                let n = u32::from_be_bytes([b[44], b[45], b[46], b[47]]) as usize;
-                if n > PAGE_SIZE + 64 {
-                    return Err(bad("page object too large"));
-                }
-                if b.len() < 48 + n {
-                    return Ok(None);
-                }
-                let obj = b[48..48 + n].to_vec();
-                let page = self.decode_object(&obj, &d)?;
-                self.pages.insert(d, obj);
-                (PageData::Full(page), 48 + n)
-            }
-            _ => return Err(bad("unknown tag")),
-        };
-        let rec = PageRecord {
-            block,
-            offset,
-            named,
-            data,
-        };
-        self.writer
-            .write(&Item::Page(rec), out)
-            .map_err(|e| HdeError::Stream(e.to_string()))?;
-        Ok(Some(used))
-    }
-}
-
-impl WireDecoder {
-    /// A page object's content, its delta base (if any) taken from this
-    /// migration's pages or the store; checked against its digest.
-    fn decode_object(&self, obj: &[u8], d: &Digest) -> Result<Box<codec::Page>, HdeError> {
-        let base = match codec::head(obj) {
-            Ok(codec::ObjectHead::Delta { base, .. }) => Some(self.page_of(&base, 0)?),
-            _ => None,
-        };
-        decode_checked(obj, d, base)
-    }
-
-    fn page_of(&self, d: &Digest, depth: u8) -> Result<Box<codec::Page>, HdeError> {
-        if depth > codec::MAX_DELTA_DEPTH {
-            return Err(HdeError::Stream(format!("page {d}: delta chain too long")));
-        }
-        if let Some(obj) = self.pages.get(d) {
-            let base = match codec::head(obj) {
-                Ok(codec::ObjectHead::Delta { base, .. }) => Some(self.page_of(&base, depth + 1)?),
-                _ => None,
-            };
-            return decode_checked(obj, d, base);
-        }
-        match &self.store {
-            Some(s) => s
-                .page(d)?
-                .ok_or_else(|| HdeError::Stream(format!("delta base {d} is not here"))),
-            None => Err(HdeError::Stream(format!("delta base {d} is not here"))),
+            _ => Err(bad("unknown tag")),
         }
     }
 }
 
-fn decode_checked(
-    obj: &[u8],
-    d: &Digest,
-    base: Option<Box<codec::Page>>,
-) -> Result<Box<codec::Page>, HdeError> {
-    let page = codec::decode_page(obj, |_| {
-        base.ok_or_else(|| HdeError::Stream("a delta without its base".into()))
-    })
-    .map_err(|e| HdeError::Stream(format!("page {d}: {e}")))?;
-    if Digest::of(&page[..]) != *d {
-        return Err(HdeError::Stream(format!(
-            "page {d}: its content does not match its digest"
-        )));
-    }
-    Ok(page)
+/// The destination's answer to a migration's prepare: the checkpoint it
+/// can preload (if any) and the pages it holds.
+pub fn encode_offer(preload: Option<&str>, digests: &[Digest]) -> Vec<u8> {
+    let id = preload.unwrap_or("");
+    let mut out = Vec::with_capacity(2 + id.len() + digests.len() * 32);
+    out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    out.extend_from_slice(id.as_bytes());
+    out.extend(digests.iter().flat_map(|d| d.0));
+    out
+}
+
+pub fn decode_offer(b: &[u8]) -> Result<(Option<String>, Vec<Digest>), HdeError> {
+    let bad = || HdeError::Stream("malformed migration offer".into());
+    let n = u16::from_be_bytes([*b.first().ok_or_else(bad)?, *b.get(1).ok_or_else(bad)?]) as usize;
+    let id = b.get(2..2 + n).ok_or_else(bad)?;
+    let id = std::str::from_utf8(id).map_err(|_| bad())?;
+    let digests = crate::replica::decode_digests(&b[2 + n..])?;
+    Ok(((!id.is_empty()).then(|| id.to_string()), digests))
 }
