@@ -183,9 +183,19 @@ struct Memory {
     seed: u64,
     fill: Fill,
     words: Vec<Vec<u8>>,
+    /// Word rank for each of 4096 uniform draws: log-uniform, so a
+    /// Zipf-like spread as in real text. A table, because floating point
+    /// is slow in an emulated guest (TCG): `powf` per word took minutes.
+    ranks: Vec<u16>,
     /// Per page: write generation and checksum of the whole page.
     generation: Vec<u32>,
     checksum: Vec<u64>,
+}
+
+fn log_uniform_ranks(n: usize) -> Vec<u16> {
+    (0..4096)
+        .map(|i| ((n as f64).powf((i as f64 + 0.5) / 4096.0) as usize).saturating_sub(1) as u16)
+        .collect()
 }
 
 fn page_checksum(page: &[u8]) -> u64 {
@@ -214,6 +224,7 @@ impl Memory {
             pages,
             seed,
             fill,
+            ranks: log_uniform_ranks(VOCABULARY_WORDS),
             words: vocabulary(seed),
             generation: vec![0; pages],
             checksum: vec![0; pages],
@@ -245,6 +256,7 @@ impl Memory {
         let kind = self.kind(index);
         let mut rng = Rng::new(mix(self.seed, index as u64, gen as u64));
         let words = std::mem::take(&mut self.words);
+        let ranks = std::mem::take(&mut self.ranks);
         let page = self.page(index);
         match kind {
             Kind::Zero => page.fill(0),
@@ -256,9 +268,7 @@ impl Memory {
             Kind::Text => {
                 let mut at = 0;
                 while at < PAGE_BYTES {
-                    // Log-uniform ranks: a Zipf-like spread, as in real text.
-                    let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
-                    let rank = ((words.len() as f64).powf(u) as usize).saturating_sub(1);
+                    let rank = ranks[(rng.next() >> 52) as usize] as usize;
                     let w = &words[rank.min(words.len() - 1)];
                     let n = w.len().min(PAGE_BYTES - at);
                     page[at..at + n].copy_from_slice(&w[..n]);
@@ -271,6 +281,7 @@ impl Memory {
             }
         }
         self.words = words;
+        self.ranks = ranks;
         if !(kind == Kind::Zero && gen == 0) {
             self.write_header(index, gen);
         }
