@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dwcp_api::{
-    CheckpointHealth, CheckpointInfo, DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo,
-    PeerInfo, ReplicaInfo, ReplicateRequest, RestoreRequest, StopRequest, VerifyResult, VmInfo,
-    VmSpec, VmState,
+    CheckpointHealth, CheckpointInfo, DeleteCheckpointResult, ErrorBody, ErrorCode, MigrateRequest,
+    NodeInfo, PeerInfo, ReplicaInfo, ReplicateRequest, RestoreRequest, StopRequest, VerifyResult,
+    VmInfo, VmSpec, VmState,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -282,14 +282,15 @@ pub struct CheckpointQuery {
 }
 
 /// Moves a running VM to a peer, live.
-#[utoipa::path(post, path = "/v1/vms/{name}/migrate", params(("name" = String, Path)), request_body = ReplicateRequest,
+#[utoipa::path(post, path = "/v1/vms/{name}/migrate", params(("name" = String, Path)), request_body = MigrateRequest,
     responses((status = 200, body = crate::migrate::MigrationReport), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
 async fn migrate(
     State(m): Mgr,
     Path(name): Path<String>,
-    Required(req): Required<ReplicateRequest>,
+    Required(req): Required<MigrateRequest>,
 ) -> Result<Json<crate::migrate::MigrationReport>, ApiError> {
-    Ok(Json(m.migrate(&name, &req.to).await?))
+    let deadline = req.deadline_secs.map(Duration::from_secs);
+    Ok(Json(m.migrate(&name, &req.to, deadline).await?))
 }
 
 /// The progress of a VM's migration.
@@ -505,6 +506,7 @@ async fn wrong_method() -> Response {
         CheckpointHealth,
         DeleteCheckpointResult,
         ReplicaInfo,
+        MigrateRequest,
         ReplicateRequest,
         crate::migrate::MigrationReport,
         crate::migrate::MigrationProgress

@@ -140,6 +140,7 @@ impl Manager {
         self: &Arc<Self>,
         name: &str,
         to: &str,
+        deadline: Option<Duration>,
     ) -> Result<MigrationReport, AgentError> {
         let started = Instant::now();
         if self.peers.is_none() {
@@ -185,7 +186,9 @@ impl Manager {
         });
         lock(&self.migrations).insert(name.to_string(), control.clone());
         let result = self
-            .migrate_inner(name, to, id, &vm, op, qmp, spec, accel, &control, started)
+            .migrate_inner(
+                name, to, id, &vm, op, qmp, spec, accel, &control, started, deadline,
+            )
             .await;
         lock(&self.migrations).remove(name);
         result
@@ -242,8 +245,11 @@ impl Manager {
         accel: String,
         control: &Arc<MigrationControl>,
         started: Instant,
+        deadline: Option<Duration>,
     ) -> Result<MigrationReport, AgentError> {
         let peers = self.peers.clone().ok_or(PeerError::NoIdentity)?;
+        let deadline =
+            deadline.unwrap_or_else(|| default_deadline(spec.memory_bytes, peers.link(to)));
         let failed = |detail: String| AgentError::MigrationFailed {
             name: name.into(),
             detail,
@@ -294,6 +300,7 @@ impl Manager {
                 spec.memory_bytes,
                 control,
                 known,
+                (started + deadline, deadline),
             )
             .await;
         let Sent {
@@ -386,6 +393,7 @@ impl Manager {
         memory_bytes: u64,
         control: &Arc<MigrationControl>,
         known: Known,
+        (deadline, allowed): (Instant, Duration),
     ) -> Result<Sent, String> {
         let sock = dir.join("migrate.sock");
         let _ = std::fs::remove_file(&sock);
@@ -488,6 +496,16 @@ impl Manager {
         let outcome = tokio::select! {
             r = result => r,
             _ = cancel.wait_for(|c| *c) => Err("cancelled".to_string()),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let p = lock(&control.progress).clone();
+                Err(format!(
+                    "it did not finish within its deadline ({:.0} s): round {}, {} still dirty, sent at {:.0} Mbit/s; the guest dirties memory faster than the link carries it (a longer --deadline, or a quieter guest)",
+                    allowed.as_secs_f64(),
+                    p.round,
+                    dwcp_api::format_bytes(p.remaining_bytes),
+                    p.rate_bps / 1e6,
+                ))
+            }
             _ = watch => Err("the progress watcher ended".to_string()),
         };
         let (report, stats) = outcome.inspect_err(|_| session.close())?;
@@ -633,30 +651,16 @@ impl Manager {
         let pages = self.pages.clone();
         let from = peer.to_string();
         let id = p.id.clone();
+        let me = Arc::downgrade(self);
         let fed = tokio::spawn(async move {
-            let inc = tokio::time::timeout(Duration::from_secs(60), incoming)
-                .await
-                .map_err(|_| "the stream never came".to_string())?
-                .map_err(|_| "the stream never came".to_string())?;
-            let qemu = tokio::net::UnixStream::connect(&sock)
-                .await
-                .and_then(|s| s.into_std())
-                .and_then(|s| s.set_nonblocking(false).map(|_| s))
-                .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
-            let done = Arc::new(AtomicU64::new(0));
-            let reporter = tokio::spawn(report_progress(
-                peers.clone(),
-                from.clone(),
-                id,
-                done.clone(),
-            ));
-            let r = tokio::task::spawn_blocking(move || {
-                feed_qemu(inc.chunks, qemu, &pages, offer, &from, &done)
-            })
-            .await
-            .map_err(|e| e.to_string());
-            reporter.abort();
-            r?
+            let r = feed_incoming(incoming, sock, peers, pages, from, id.clone(), offer).await;
+            // A stream that broke off (link cut, source gone) ends the
+            // incoming migration here: no half-loaded VM is left behind.
+            if let (Err(why), Some(me)) = (&r, me.upgrade()) {
+                let why = why.clone();
+                tokio::spawn(async move { me.abort_incoming(&id, &why).await });
+            }
+            r
         });
         lock(&self.incoming).insert(
             p.id.clone(),
@@ -735,6 +739,13 @@ impl Manager {
             tracing::warn!(vm = %m.vm, "cannot remove the VM of a failed incoming migration: {}", crate::format_chain(&e));
         }
     }
+}
+
+/// Five times what `memory` takes at the link's measured rate, at least
+/// two minutes.
+fn default_deadline(memory: u64, link: Option<(Duration, f64)>) -> Duration {
+    let rate = link.map_or(10e6, |(_, r)| r.max(1e6));
+    Duration::from_secs_f64((memory as f64 * 8.0 / rate * 5.0).max(120.0))
 }
 
 /// Record bytes a destination rebuilds per second, about (store reads,
@@ -838,6 +849,37 @@ fn offer_of(store: &dwcp_hde::PageStore, vm: &str, peer: &str) -> Offer {
         digests: set.into_iter().collect(),
         preload,
     }
+}
+
+/// Destination: waits for the source's transfer, then feeds it to QEMU
+/// (see [`feed_qemu`]) while telling the source how far it got.
+async fn feed_incoming(
+    incoming: tokio::sync::oneshot::Receiver<dwcp_transport::Incoming>,
+    sock: std::path::PathBuf,
+    peers: Arc<crate::peers::Peers>,
+    pages: Arc<dwcp_hde::PageStore>,
+    from: String,
+    id: String,
+    offer: Offer,
+) -> Result<u64, String> {
+    let inc = tokio::time::timeout(Duration::from_secs(60), incoming)
+        .await
+        .map_err(|_| "the stream never came".to_string())?
+        .map_err(|_| "the stream never came".to_string())?;
+    let qemu = tokio::net::UnixStream::connect(&sock)
+        .await
+        .and_then(|s| s.into_std())
+        .and_then(|s| s.set_nonblocking(false).map(|_| s))
+        .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
+    let done = Arc::new(AtomicU64::new(0));
+    let reporter = tokio::spawn(report_progress(peers, from.clone(), id, done.clone()));
+    let r = tokio::task::spawn_blocking(move || {
+        feed_qemu(inc.chunks, qemu, &pages, offer, &from, &done)
+    })
+    .await
+    .map_err(|e| e.to_string());
+    reporter.abort();
+    r?
 }
 
 /// Destination: decodes the transfer into QEMU's incoming socket, first

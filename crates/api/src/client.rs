@@ -170,9 +170,17 @@ impl Client {
     }
 
     /// Moves VM `name` to peer `to`, live; the answer is the report.
-    pub async fn migrate(&self, name: &str, to: &str) -> Result<serde_json::Value, ClientError> {
+    pub async fn migrate(
+        &self,
+        name: &str,
+        to: &str,
+        deadline_secs: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
         let p = format!("/v1/vms/{name}/migrate");
-        let body = crate::types::ReplicateRequest { to: to.into() };
+        let body = crate::types::MigrateRequest {
+            to: to.into(),
+            deadline_secs,
+        };
         self.json(self.http.post(self.url(&p)).json(&body), &p)
             .await
     }

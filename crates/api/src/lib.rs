@@ -13,7 +13,7 @@ pub mod types;
 pub use client::{Client, ClientError};
 pub use types::{
     format_bytes, parse_bytes, validate_name, CheckpointHealth, CheckpointInfo,
-    DeleteCheckpointResult, ErrorBody, ErrorCode, NodeInfo, PeerInfo, ReplicaInfo,
+    DeleteCheckpointResult, ErrorBody, ErrorCode, MigrateRequest, NodeInfo, PeerInfo, ReplicaInfo,
     ReplicateRequest, RestoreRequest, SpecError, StopRequest, VerifyResult, VmInfo, VmSpec,
     VmState, MAX_VCPUS, MIN_MEMORY_BYTES,
 };

@@ -300,6 +300,19 @@ pub struct ReplicateRequest {
     pub to: String,
 }
 
+/// Body of `POST /v1/vms/{name}/migrate`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The peer's node name.
+    pub to: String,
+    /// Give up (the VM runs on here) when the migration has not finished
+    /// within this many seconds. Default: five times what the VM's memory
+    /// takes on the measured link, at least two minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_secs: Option<u64>,
+}
+
 /// Body of `POST /v1/checkpoints/{id}/restore`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -120,6 +120,11 @@ enum VmAction {
         /// Cancel the VM's running migration instead (it runs on here).
         #[arg(long, conflicts_with = "to")]
         cancel: bool,
+        /// Give up (the VM runs on here) after this many seconds. Default:
+        /// five times what the VM's memory takes on the measured link, at
+        /// least two minutes.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        deadline: Option<u64>,
         /// Print only the JSON summary at the end.
         #[arg(long)]
         json: bool,
@@ -468,6 +473,7 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             name,
             to,
             cancel,
+            deadline,
             json,
         } => {
             if cancel {
@@ -481,7 +487,7 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                     "migrating VM {name} to {to} (it keeps running until the switch-over) ..."
                 );
             }
-            let run = c.migrate(&name, &to);
+            let run = c.migrate(&name, &to, deadline);
             tokio::pin!(run);
             let r = loop {
                 tokio::select! {
