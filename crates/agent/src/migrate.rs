@@ -113,6 +113,11 @@ pub(crate) struct MigrationControl {
     /// done (flow control: see `encode_stream`).
     id: String,
     done_at_destination: AtomicU64,
+    /// Record bytes the source has handed on.
+    records_sent: AtomicU64,
+    /// The destination has its preload (if any) behind it: QEMU may
+    /// switch over.
+    destination_ready: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) type Migrations = Mutex<HashMap<String, Arc<MigrationControl>>>;
@@ -183,6 +188,8 @@ impl Manager {
             wire_bytes: Default::default(),
             id: id.clone(),
             done_at_destination: Default::default(),
+            records_sent: Default::default(),
+            destination_ready: Default::default(),
         });
         lock(&self.migrations).insert(name.to_string(), control.clone());
         let result = self
@@ -432,9 +439,25 @@ impl Manager {
             .await
             .map_err(q)?;
         let limit = (rtt.as_millis() as u64).clamp(300, 2000);
+        // While the destination preloads its replica, QEMU may not switch
+        // over (the pause would wait for the preload). Telling it the
+        // switch-over has 8 KB/s makes its threshold less than a page, so
+        // it goes on with its rounds until the destination is ready (see
+        // the watcher). (A downtime limit of 0 does not hold it: QEMU
+        // completes whenever its estimate of what is left reads 0, as it
+        // does at the end of every round.)
+        let mut hold = known.preload.is_some();
         qmp.execute(
             "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": 64u64 << 30, "downtime-limit": limit })),
+            Some(json!({
+                "max-bandwidth": 64u64 << 30,
+                "downtime-limit": limit,
+                "avail-switchover-bandwidth": if hold { HOLD_SWITCHOVER_BPS } else { 0 },
+                // Nor may auto-converge throttle the guest to a standstill
+                // meanwhile (nothing dirty completes the migration too).
+                "cpu-throttle-initial": if hold { 1 } else { 20 },
+                "max-cpu-throttle": if hold { 1 } else { 99 },
+            })),
         )
         .await
         .map_err(q)?;
@@ -476,7 +499,22 @@ impl Manager {
         let watch = async {
             let t0 = Instant::now();
             loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let behind = control
+                    .records_sent
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(control.done_at_destination.load(Ordering::Relaxed));
+                if hold && control.destination_ready.load(Ordering::Relaxed) && behind <= backlog {
+                    let p = json!({
+                        "avail-switchover-bandwidth": 0,
+                        "cpu-throttle-initial": 20,
+                        "max-cpu-throttle": 99,
+                    });
+                    if qmp.execute("migrate-set-parameters", Some(p)).await.is_ok() {
+                        tracing::info!("the destination is ready: switch-over allowed");
+                        hold = false;
+                    }
+                }
                 if let Ok(s) = qmp.execute("query-migrate", None).await {
                     let ram = &s["ram"];
                     let rate = ram["mbps"].as_f64().unwrap_or(0.0) * 1e6;
@@ -585,6 +623,9 @@ impl Manager {
                     .cloned();
                 if let Some(c) = c {
                     c.done_at_destination.fetch_max(done, Ordering::Relaxed);
+                    if v["ready"] == true {
+                        c.destination_ready.store(true, Ordering::Relaxed);
+                    }
                 }
                 Ok(Vec::new())
             }
@@ -752,6 +793,15 @@ fn default_deadline(memory: u64, link: Option<(Duration, f64)>) -> Duration {
 /// hashing, writing to QEMU), for the flow control's budget.
 const DESTINATION_RATE: f64 = 256e6;
 
+/// What QEMU is told the switch-over's bandwidth is while the destination
+/// preloads (bytes per second): its threshold stays under one page.
+const HOLD_SWITCHOVER_BPS: u64 = 8192;
+
+/// The destination's backlog allowed while it preloads (record bytes,
+/// the preload's pages counted): the first round starts when about this
+/// much of the preload is left.
+const HOLD_BACKLOG: u64 = 128 << 20;
+
 /// What the source's side of a migration did.
 struct Sent {
     stats: WireStats,
@@ -872,9 +922,16 @@ async fn feed_incoming(
         .and_then(|s| s.set_nonblocking(false).map(|_| s))
         .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
     let done = Arc::new(AtomicU64::new(0));
-    let reporter = tokio::spawn(report_progress(peers, from.clone(), id, done.clone()));
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reporter = tokio::spawn(report_progress(
+        peers,
+        from.clone(),
+        id,
+        done.clone(),
+        ready.clone(),
+    ));
     let r = tokio::task::spawn_blocking(move || {
-        feed_qemu(inc.chunks, qemu, &pages, offer, &from, &done)
+        feed_qemu(inc.chunks, qemu, &pages, offer, &from, &done, &ready)
     })
     .await
     .map_err(|e| e.to_string());
@@ -892,6 +949,7 @@ fn feed_qemu(
     offer: Offer,
     from: &str,
     done: &AtomicU64,
+    ready: &std::sync::atomic::AtomicBool,
 ) -> Result<u64, String> {
     let t0 = Instant::now();
     let reader = store.snapshot().map_err(|e| e.to_string())?;
@@ -906,7 +964,18 @@ fn feed_qemu(
         out.clear();
         Ok(())
     };
-    while let Some(c) = chunks.blocking_recv() {
+    // The transfer is drained as it comes, whatever this thread is doing
+    // (a preload takes seconds): the source's own flow control bounds what
+    // piles up here, and the transport's acknowledgements keep flowing.
+    let (tx, rx) = std::sync::mpsc::channel::<Chunk>();
+    std::thread::spawn(move || {
+        while let Some(c) = chunks.blocking_recv() {
+            if tx.send(c).is_err() {
+                break;
+            }
+        }
+    });
+    for c in rx {
         match c {
             Chunk::Data(d) => {
                 dec.feed(&d, &mut out)
@@ -924,6 +993,11 @@ fn feed_qemu(
                         .map_err(|e| format!("from {from}: {e}"))?;
                     write(&mut out)?;
                     done.store(dec.record_bytes(), Ordering::Relaxed);
+                }
+                if !dec.blocks().is_empty() {
+                    // Past the block list, and the preload (if one was
+                    // asked for) done.
+                    ready.store(true, Ordering::Relaxed);
                 }
             }
             Chunk::Done { .. } => {
@@ -950,16 +1024,19 @@ async fn report_progress(
     source: String,
     id: String,
     done: Arc<AtomicU64>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut last = 0;
+    let mut last = (0, false);
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = done.load(Ordering::Relaxed);
+        let now = (done.load(Ordering::Relaxed), ready.load(Ordering::Relaxed));
         if now == last {
             continue;
         }
         last = now;
-        let body = json!({ "id": id, "done": now }).to_string().into_bytes();
+        let body = json!({ "id": id, "done": now.0, "ready": now.1 })
+            .to_string()
+            .into_bytes();
         let (peers, source) = (peers.clone(), source.clone());
         tokio::spawn(async move {
             let _ = peers
@@ -992,28 +1069,65 @@ fn preload(
             "checkpoint {id} has another memory layout than the VM"
         ));
     }
-    let reader = store.snapshot().map_err(|e| e.to_string())?;
     let zero = dwcp_hde::Digest::zero_page();
-    let mut n = 0u64;
-    for (b, p, d) in map.iter() {
-        if *d == zero {
-            continue;
+    let pages: Vec<(u16, u64, dwcp_hde::Digest)> = map
+        .iter()
+        .filter(|(_, _, d)| **d != zero)
+        .map(|(b, p, d)| (b as u16, p as u64, *d))
+        .collect();
+    // Two readers (store reads, zstd, digest checks are the work), one
+    // writer; pages may reach QEMU in any order.
+    const BATCH: usize = 512;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<
+        Result<Vec<(u16, u64, Box<dwcp_hde::codec::Page>)>, String>,
+    >(8);
+    let readers = 2;
+    std::thread::scope(|scope| {
+        for r in 0..readers {
+            let (tx, pages) = (tx.clone(), &pages);
+            scope.spawn(move || {
+                let reader = match store.snapshot() {
+                    Ok(r) => r,
+                    Err(e) => return drop(tx.send(Err(e.to_string()))),
+                };
+                for chunk in pages.chunks(BATCH).skip(r).step_by(readers) {
+                    let batch: Result<Vec<_>, String> = chunk
+                        .iter()
+                        .map(|(b, p, d)| {
+                            let page = reader
+                                .page(d)
+                                .map_err(|e| format!("checkpoint {id}: {e}"))?
+                                .ok_or_else(|| format!("checkpoint {id}: page {d} is missing"))?;
+                            Ok((*b, *p, page))
+                        })
+                        .collect();
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                }
+            });
         }
-        let page = reader
-            .page(d)
-            .map_err(|e| format!("checkpoint {id}: {e}"))?
-            .ok_or_else(|| format!("checkpoint {id}: page {d} is missing"))?;
-        dec.preload_page(b as u16, p as u64, page, out)
-            .map_err(|e| e.to_string())?;
-        n += 1;
-        if out.len() >= 1 << 20 {
-            write(out)?;
-            done.store(dec.record_bytes(), Ordering::Relaxed);
+        drop(tx);
+        let mut n = 0u64;
+        for batch in rx {
+            for (b, p, page) in batch? {
+                dec.preload_page(b, p, page, out)
+                    .map_err(|e| e.to_string())?;
+                n += 1;
+            }
+            if out.len() >= 1 << 20 {
+                write(out)?;
+                done.store(dec.record_bytes(), Ordering::Relaxed);
+            }
         }
-    }
-    dec.end_preload();
-    write(out)?;
-    Ok(n)
+        if n != pages.len() as u64 {
+            return Err(format!("checkpoint {id}: the preload stopped short"));
+        }
+        dec.end_preload();
+        write(out)?;
+        Ok(n)
+    })
 }
 
 /// Reads QEMU's stream, encodes it for the wire, hands the records on.
@@ -1074,13 +1188,23 @@ fn encode_stream(
         // Stop reading QEMU while the destination is far behind: QEMU then
         // sees the rate the whole path really has.
         let sent = enc.stats().record_bytes;
+        counters.records_sent.store(sent, Ordering::Relaxed);
         let mut last = (
             counters.done_at_destination.load(Ordering::Relaxed),
             Instant::now(),
         );
         loop {
             let done = counters.done_at_destination.load(Ordering::Relaxed);
-            if sent.saturating_sub(done) <= backlog {
+            // The preload counts as the records of its pages: the first
+            // round waits for most of it (QEMU may complete whenever a
+            // round ends with nothing dirty, so the hold on its switch-over
+            // alone does not keep the pause from waiting for the preload),
+            // and starts a little before its end.
+            let allowed = match counters.destination_ready.load(Ordering::Relaxed) {
+                true => backlog,
+                false => backlog.max(HOLD_BACKLOG),
+            };
+            if sent.saturating_sub(done) <= allowed {
                 break;
             }
             if tx.is_closed() {

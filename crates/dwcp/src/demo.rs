@@ -26,9 +26,24 @@ pub struct DemoArgs {
     /// Memory the guest's workload owns and dirties, in MiB.
     #[arg(long, default_value_t = 64)]
     workload_mb: u64,
+    /// Skip the WAN part (two agents on a netlab WAN; needs root).
+    #[arg(long)]
+    no_wan: bool,
+    /// The WAN's rate each way (netlab syntax).
+    #[arg(long, default_value = "100mbit")]
+    wan_rate: String,
+    /// The WAN's one-way delay.
+    #[arg(long, default_value = "40ms")]
+    wan_delay: String,
+    /// The WAN's packet loss.
+    #[arg(long, default_value = "1%")]
+    wan_loss: String,
+    /// Memory the WAN guest's workload fills with text, in MiB.
+    #[arg(long, default_value_t = 192)]
+    wan_workload_mb: u64,
 }
 
-struct Steps {
+pub(crate) struct Steps {
     rows: Vec<(String, Duration)>,
     t: Instant,
 }
@@ -40,11 +55,11 @@ impl Steps {
             t: Instant::now(),
         }
     }
-    fn begin(&mut self, what: &str) {
+    pub(crate) fn begin(&mut self, what: &str) {
         println!("\n==> {what}");
         self.t = Instant::now();
     }
-    fn done(&mut self, what: &str) {
+    pub(crate) fn done(&mut self, what: &str) {
         let d = self.t.elapsed();
         println!("    done in {:.2} s", d.as_secs_f64());
         self.rows.push((what.to_owned(), d));
@@ -52,7 +67,7 @@ impl Steps {
 }
 
 /// TICK numbers in console text.
-fn ticks(text: &str) -> Vec<u64> {
+pub(crate) fn ticks(text: &str) -> Vec<u64> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("TICK "))
         .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
@@ -104,9 +119,10 @@ impl Console<'_> {
     }
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let guest = args
-        .guest_dir
+/// The test guest's directory, checked.
+pub(crate) fn guest_dir() -> anyhow::Result<PathBuf> {
+    let guest = std::env::var_os("DWCP_GUEST_DIR")
+        .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/guest"));
     let guest = std::fs::canonicalize(&guest).with_context(|| {
         format!(
@@ -124,6 +140,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             )
         })?;
     }
+    Ok(guest)
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if let Some(g) = &args.guest_dir {
+        std::env::set_var("DWCP_GUEST_DIR", g);
+    }
+    let guest = guest_dir()?;
     let total = Instant::now();
     let mut steps = Steps::new();
 
@@ -166,6 +190,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     steps.done("start agent");
 
     let result = story(&client, &guest, args.workload_mb, &mut steps).await;
+    let accel = client
+        .node()
+        .await
+        .map(|n| n.accel)
+        .unwrap_or_else(|_| "tcg".into());
 
     steps.begin("stopping the agent and removing its data");
     let _ = client.delete("demo", true).await;
@@ -175,13 +204,40 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     drop(data);
     steps.done("clean up");
 
+    let wan = if result.is_err() || args.no_wan {
+        Ok(())
+    } else if unsafe { libc::geteuid() } != 0 {
+        println!("\n(the WAN part is skipped: it needs root for network namespaces)");
+        Ok(())
+    } else {
+        let dir = tempfile::Builder::new()
+            .prefix("dw")
+            .tempdir_in("/tmp")
+            .context("cannot create a temporary directory")?;
+        let wan_args = crate::demo_wan::WanArgs {
+            rate: args.wan_rate.clone(),
+            delay: args.wan_delay.clone(),
+            loss: args.wan_loss.clone(),
+            workload_mb: args.wan_workload_mb,
+            accel,
+        };
+        let mut wan_steps = Steps::new();
+        let r = tokio::task::block_in_place(|| {
+            crate::demo_wan::run(&wan_args, dir.path(), &mut wan_steps)
+        });
+        steps.rows.extend(wan_steps.rows);
+        r
+    };
+
     println!("\nSteps:");
     for (what, d) in &steps.rows {
         println!("  {what:<32} {:>7.2} s", d.as_secs_f64());
     }
     println!("  {:<32} {:>7.2} s", "total", total.elapsed().as_secs_f64());
     result?;
-    println!("\ndemo OK: the guest booted, kept counting with its memory intact, paused and resumed on request, and went on counting from a live checkpoint.");
+    wan?;
+    println!("\ndemo OK: the guest booted, kept counting with its memory intact, paused and resumed on request, and went on counting from a live checkpoint{}.",
+        if args.no_wan { "" } else { "; on the WAN it moved between two agents and back, counting on" });
     Ok(())
 }
 

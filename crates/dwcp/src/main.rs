@@ -7,6 +7,7 @@
 mod bench;
 mod cli;
 mod demo;
+mod demo_wan;
 mod transfer;
 
 use std::net::SocketAddr;

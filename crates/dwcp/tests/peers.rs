@@ -363,6 +363,19 @@ fn a_cancelled_migration_leaves_the_vm_where_it_was() {
     );
     let err = alpha.fails(&["vm", "migrate", "web", "--cancel"]);
     assert!(err.contains("no migration of it is running"), "{err}");
+
+    // A deadline too short for this link ends the migration the same way.
+    let err = alpha.fails(&["vm", "migrate", "web", "--to", "beta", "--deadline", "3"]);
+    assert!(
+        err.contains("did not finish within its deadline (3 s)"),
+        "{err}"
+    );
+    runs_on(&alpha, "web");
+    wait_for(
+        "the destination to drop the VM",
+        Duration::from_secs(30),
+        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
+    );
 }
 
 #[test]
@@ -389,6 +402,102 @@ fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
         "{}",
         beta.log()
     );
+}
+
+#[test]
+fn a_cut_link_leaves_the_vm_running_at_the_source_and_a_later_migration_works() {
+    let (mut pair, alpha, beta) = slow_pair("x");
+    let child = start_migration(&alpha, &beta);
+    let cut = |pair: &mut Pair, loss: &str| {
+        pair.lab
+            .set(vec![("loss".into(), loss.into())], Vec::new(), false)
+            .expect("netlab set");
+    };
+    cut(&mut pair, "100%");
+    let t0 = std::time::Instant::now();
+    let out = child.wait_with_output().expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("[migration_failed]"),
+        "{err}"
+    );
+    eprintln!(
+        "the source gave up {:.1} s after the cut: {err}",
+        t0.elapsed().as_secs_f64()
+    );
+    // Running here, and only here: the destination drops its half on its
+    // own (it cannot be told).
+    runs_on(&alpha, "web");
+    wait_for(
+        "the destination to drop its half",
+        Duration::from_secs(150),
+        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
+    );
+    runs_on(&alpha, "web");
+    // The link back: the same VM moves, nothing left over in the way.
+    cut(&mut pair, "0%");
+    let before = last_tick(&alpha.console("web")).expect("ticks");
+    alpha.ok(&["vm", "migrate", "web", "--to", "beta"]);
+    runs_on(&beta, "web");
+    assert!(last_tick(&beta.console("web")).expect("ticks") >= before);
+    assert!(!alpha.ok(&["vm", "list"]).contains("web"));
+}
+
+#[test]
+fn a_source_agent_restarted_mid_migration_keeps_the_vm() {
+    let (pair, mut alpha, beta) = slow_pair("r");
+    let child = start_migration(&alpha, &beta);
+    alpha.signal_and_wait(libc::SIGKILL);
+    let _ = child.wait_with_output();
+    let alpha = pair.agent("alpha", "a", &[], &[format!("beta={}", pair.amst("b"))]);
+    // QEMU outlived its agent; the restarted agent finds the guest
+    // running (QEMU's migration failed with its socket) and keeps it.
+    runs_on(&alpha, "web");
+    wait_for(
+        "the destination to drop its half",
+        Duration::from_secs(150),
+        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
+    );
+    runs_on(&alpha, "web");
+}
+
+#[test]
+fn a_destination_without_room_refuses_and_the_vm_stays() {
+    let pair = Pair::new("o", &[("rate", "100mbit"), ("delay", "10ms")]);
+    let alpha = pair.agent("alpha", "a", &[], &[format!("beta={}", pair.amst("b"))]);
+    // beta gives VMs a tenth of its memory: a VM of half the host's does
+    // not fit there (it boots here: memory is only touched as used).
+    let cfg = pair.path("beta.toml");
+    std::fs::write(&cfg, "memory_overcommit = 0.1\n").expect("config");
+    let beta = pair.agent(
+        "beta",
+        "b",
+        &["--config", &cfg],
+        &[format!("alpha={}", pair.amst("a"))],
+    );
+    let half = format!("{}M", (dwcp_agent::manager::host_memory_bytes() / 2) >> 20);
+    let g = guest_dir();
+    alpha.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--memory",
+        &half,
+        "--kernel",
+        &g.join("vmlinuz").display().to_string(),
+        "--initrd",
+        &g.join("initrd.img").display().to_string(),
+        "--append",
+        "console=ttyS0 quiet panic=-1 dwcp.mem_mb=16 dwcp.dirty_pages=200",
+    ]);
+    alpha.wait_tick("web", 2, Duration::from_secs(90));
+    let err = alpha.fails(&["vm", "migrate", "web", "--to", "beta"]);
+    assert!(
+        err.contains("does not fit") || err.contains("more than this host"),
+        "{err}"
+    );
+    runs_on(&alpha, "web");
+    assert!(!beta.ok(&["vm", "list"]).contains("web"));
 }
 
 #[test]

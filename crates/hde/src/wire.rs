@@ -348,8 +348,9 @@ impl WireEncoder {
             self.slots.clear();
             return;
         }
-        // The receiver's work for the preload counts as the records of
-        // its pages would.
+        // The receiver's preload is work like the records of its pages
+        // would be: it counts in `record_bytes` (the sender's flow control
+        // then holds the first round back until most of it is done).
         self.stats.record_bytes += self.slots.len() as u64 * PRELOAD_PAGE_COST;
         self.raw.push(TAG_PRELOAD);
         self.raw.extend_from_slice(&(id.len() as u16).to_be_bytes());

@@ -1280,6 +1280,11 @@ async fn server_frame(
             payload,
         } => {
             let mut recv = session.recv.lock().await;
+            let acked_before = recv
+                .positions()
+                .into_iter()
+                .find(|(t, _)| *t == transfer)
+                .map_or(0, |(_, n)| n);
             let d = recv
                 .handle_data(transfer, seq, fin, payload)
                 .map_err(|e| format!("{peer}: {e}"))?;
@@ -1294,10 +1299,29 @@ async fn server_frame(
             );
             let sink = lock(&session.sinks).get(&transfer).cloned();
             if let Some(sink) = &sink {
-                for c in d.chunks {
-                    // Backpressure: a slow consumer stops this connection's reads.
-                    if sink.send(Chunk::Data(c)).await.is_err() {
-                        break;
+                'chunks: for c in d.chunks {
+                    // Backpressure: a slow consumer stops this connection's
+                    // reads. Meanwhile the sender hears, every second, the
+                    // acknowledgement it already has: the connection is
+                    // alive, only the consumer is busy (without it the
+                    // sender took the silence for a dead link and dropped
+                    // the connection).
+                    let send = sink.send(Chunk::Data(c));
+                    tokio::pin!(send);
+                    loop {
+                        tokio::select! {
+                            r = &mut send => {
+                                if r.is_err() {
+                                    break 'chunks;
+                                }
+                                break;
+                            }
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                                out.send(Frame::Ack { transfer, next_seq: acked_before })
+                                    .await
+                                    .map_err(|_| "writer gone".to_owned())?;
+                            }
+                        }
                     }
                 }
             }
