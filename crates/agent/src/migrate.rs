@@ -793,6 +793,10 @@ fn default_deadline(memory: u64, link: Option<(Duration, f64)>) -> Duration {
 /// hashing, writing to QEMU), for the flow control's budget.
 const DESTINATION_RATE: f64 = 256e6;
 
+/// A source silent this long is taken for gone (the destination drops its
+/// half of the migration).
+const SILENCE: Duration = Duration::from_secs(30);
+
 /// What QEMU is told the switch-over's bandwidth is while the destination
 /// preloads (bytes per second): its threshold stays under one page.
 const HOLD_SWITCHOVER_BPS: u64 = 8192;
@@ -975,7 +979,19 @@ fn feed_qemu(
             }
         }
     });
-    for c in rx {
+    loop {
+        // A source silent for `SILENCE` is gone (link cut, agent dead):
+        // the transport on this side may not notice a link gone quiet.
+        let c = match rx.recv_timeout(SILENCE) {
+            Ok(c) => c,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "nothing came from {from} for {} s",
+                    SILENCE.as_secs()
+                ))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match c {
             Chunk::Data(d) => {
                 dec.feed(&d, &mut out)

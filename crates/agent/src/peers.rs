@@ -209,6 +209,8 @@ impl Peers {
         let id = format!("{:016x}", rand_u64());
         let (tx, rx) = oneshot::channel();
         lock(&self.waiters).insert(format!("rpc/resp/{id}"), tx);
+        // `within` bounds the whole request: a session to a peer that is
+        // gone can take longer than that to fail.
         let result = async {
             let s = self.session(peer).await?;
             let len = body.len() as u64;
@@ -224,19 +226,26 @@ impl Peers {
                 peer: peer.to_string(),
                 source,
             })?;
-            match tokio::time::timeout(within, rx).await {
-                Ok(Ok(Ok(answer))) => Ok(answer),
-                Ok(Ok(Err(message))) => Err(PeerError::Refused {
+            match rx.await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(message)) => Err(PeerError::Refused {
                     peer: peer.to_string(),
                     message,
                 }),
-                _ => Err(PeerError::Timeout {
+                Err(_) => Err(PeerError::Timeout {
                     peer: peer.to_string(),
                     secs: within.as_secs(),
                 }),
             }
-        }
-        .await;
+        };
+        let result = tokio::time::timeout(within, result)
+            .await
+            .unwrap_or_else(|_| {
+                Err(PeerError::Timeout {
+                    peer: peer.to_string(),
+                    secs: within.as_secs(),
+                })
+            });
         lock(&self.waiters).remove(&format!("rpc/resp/{id}"));
         result
     }

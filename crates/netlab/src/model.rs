@@ -138,6 +138,9 @@ impl LinkModel {
         if p <= 0.0 {
             return false;
         }
+        if p >= 1.0 {
+            return true;
+        }
         if self.params.burst <= 1.0 {
             return self.rng.unit() < p;
         }

@@ -120,8 +120,9 @@ pub fn parse_loss(s: &str) -> Result<f64, String> {
         None => t.parse::<f64>(),
     }
     .map_err(|_| "not a loss rate (examples: 1%, 0.01)".to_owned())?;
-    if !(0.0..1.0).contains(&v) {
-        return Err("out of range (0 to below 100%)".into());
+    // 100 %: the link is cut (tests of what a cut does).
+    if !(0.0..=1.0).contains(&v) {
+        return Err("out of range (0 to 100%)".into());
     }
     Ok(v)
 }
@@ -328,7 +329,8 @@ mod tests {
         assert!(parse_duration("-5ms").is_err());
         assert_eq!(parse_loss("1%"), Ok(0.01));
         assert_eq!(parse_loss("0.02"), Ok(0.02));
-        assert!(parse_loss("100%").is_err());
+        assert_eq!(parse_loss("100%"), Ok(1.0));
+        assert!(parse_loss("101%").is_err());
         assert!(parse_loss("-1%").is_err());
         assert_eq!(parse_size("256kb"), Ok(256_000));
         assert!(parse_size("12").is_err());
