@@ -6,8 +6,11 @@ export DWCP_GUEST_DIR := $(GUEST_DIR)
 
 .PHONY: demo test setup guest build lint openapi bench-netlab
 
-demo: guest build
-	./target/debug/dwcp demo --guest-dir $(GUEST_DIR)
+# Release: the demo compares dwcp's migration with QEMU's, and a debug
+# build hashes and compresses several times slower.
+demo: guest setup
+	cargo build --release -p dwcp
+	./target/release/dwcp demo --guest-dir $(GUEST_DIR)
 
 test: guest
 	cargo nextest run --workspace --no-fail-fast
