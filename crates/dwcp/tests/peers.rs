@@ -359,6 +359,14 @@ fn wait_output(
     child.wait_with_output().expect("cli")
 }
 
+/// Waits until VM "web" is gone from `agent` (the destination's half of a
+/// migration that failed).
+fn dropped(agent: &Agent, what: &str, secs: u64) {
+    wait_for(what, Duration::from_secs(secs), || {
+        (!agent.ok(&["vm", "list"]).contains("web")).then_some(())
+    });
+}
+
 fn runs_on(agent: &Agent, vm: &str) {
     assert_eq!(agent.state(vm), "running");
     let t = last_tick(&agent.console(vm)).expect("ticks");
@@ -378,11 +386,7 @@ fn a_cancelled_migration_leaves_the_vm_where_it_was() {
         "{err}"
     );
     runs_on(&alpha, "web");
-    wait_for(
-        "the destination to drop the VM",
-        Duration::from_secs(30),
-        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
-    );
+    dropped(&beta, "the destination to drop the VM", 30);
     let err = alpha.fails(&["vm", "migrate", "web", "--cancel"]);
     assert!(err.contains("no migration of it is running"), "{err}");
 
@@ -393,11 +397,7 @@ fn a_cancelled_migration_leaves_the_vm_where_it_was() {
         "{err}"
     );
     runs_on(&alpha, "web");
-    wait_for(
-        "the destination to drop the VM",
-        Duration::from_secs(30),
-        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
-    );
+    dropped(&beta, "the destination to drop the VM", 30);
 }
 
 #[test]
@@ -414,11 +414,7 @@ fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
     runs_on(&alpha, "web");
     // The destination, restarted, drops its half of the migration.
     let beta = pair.beta();
-    wait_for(
-        "the half-migrated VM to be removed",
-        Duration::from_secs(30),
-        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
-    );
+    dropped(&beta, "the half-migrated VM to be removed", 30);
     assert!(
         beta.log().contains("incoming migration interrupted"),
         "{}",
@@ -450,11 +446,7 @@ fn a_cut_link_leaves_the_vm_running_at_the_source_and_a_later_migration_works() 
     // Running here, and only here: the destination drops its half on its
     // own (it cannot be told).
     runs_on(&alpha, "web");
-    wait_for(
-        "the destination to drop its half",
-        Duration::from_secs(150),
-        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
-    );
+    dropped(&beta, "the destination to drop its half", 150);
     runs_on(&alpha, "web");
     // The link back: the same VM moves, nothing left over in the way.
     cut(&mut pair, "0%");
@@ -483,11 +475,7 @@ fn a_source_agent_restarted_mid_migration_keeps_the_vm() {
     // QEMU outlived its agent; the restarted agent finds the guest
     // running (QEMU's migration failed with its socket) and keeps it.
     runs_on(&alpha, "web");
-    wait_for(
-        "the destination to drop its half",
-        Duration::from_secs(150),
-        || (!beta.ok(&["vm", "list"]).contains("web")).then_some(()),
-    );
+    dropped(&beta, "the destination to drop its half", 150);
     runs_on(&alpha, "web");
 }
 
