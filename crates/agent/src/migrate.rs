@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -117,7 +117,7 @@ pub(crate) struct MigrationControl {
     records_sent: AtomicU64,
     /// The destination has its preload (if any) behind it: QEMU may
     /// switch over.
-    destination_ready: std::sync::atomic::AtomicBool,
+    destination_ready: AtomicBool,
 }
 
 pub(crate) type Migrations = Mutex<HashMap<String, Arc<MigrationControl>>>;
@@ -617,9 +617,9 @@ impl Manager {
             }
             "migrate-commit" => self.commit_incoming(&id()?).await.map(|_| Vec::new()),
             "migrate-progress" => {
-                let id = id()?;
                 let v: serde_json::Value =
                     serde_json::from_slice(body).map_err(|e| e.to_string())?;
+                let id = v["id"].as_str().ok_or("no id")?;
                 let done = v["done"].as_u64().ok_or("no progress figure")?;
                 let c = lock(&self.migrations)
                     .values()
@@ -841,11 +841,10 @@ fn plan_known(
     preload: Option<String>,
     offered: Vec<dwcp_hde::Digest>,
 ) -> Known {
-    let zero = dwcp_hde::Digest::zero_page();
     let slots_of = |map: &dwcp_hde::PageMap, keep: &dyn Fn(&dwcp_hde::Digest) -> bool| {
-        map.iter()
-            .filter(|(_, _, d)| **d != zero && keep(d))
-            .map(|(b, p, d)| ((b as u16, p as u64), *d))
+        map.nonzero_pages()
+            .filter(|(_, _, d)| keep(d))
+            .map(|(b, p, d)| ((b, p), d))
             .collect::<Vec<_>>()
     };
     let mut known = Known {
@@ -883,30 +882,17 @@ pub(crate) struct Offer {
 }
 
 fn offer_of(store: &dwcp_hde::PageStore, vm: &str, peer: &str) -> Offer {
-    let none = Offer {
-        digests: Vec::new(),
-        preload: None,
+    let Ok(Some((m, digests))) = store.latest_pages_of(vm) else {
+        return Offer {
+            digests: Vec::new(),
+            preload: None,
+        };
     };
-    let Ok(Some(m)) = store.latest_for(vm) else {
-        return none;
-    };
-    let Ok((_, map)) = store.page_map(&m.id) else {
-        return none;
-    };
-    let zero = dwcp_hde::Digest::zero_page();
-    let set: std::collections::HashSet<dwcp_hde::Digest> = map
-        .iter()
-        .map(|(_, _, d)| *d)
-        .filter(|d| *d != zero)
-        .collect();
     let preload = match (&m.origin, m.id.strip_prefix(&format!("{peer}:"))) {
         (Some(o), Some(theirs)) if o == peer => Some((theirs.to_string(), m.id.clone())),
         _ => None,
     };
-    Offer {
-        digests: set.into_iter().collect(),
-        preload,
-    }
+    Offer { digests, preload }
 }
 
 /// Destination: waits for the source's transfer, then feeds it to QEMU
@@ -930,7 +916,7 @@ async fn feed_incoming(
         .and_then(|s| s.set_nonblocking(false).map(|_| s))
         .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
     let done = Arc::new(AtomicU64::new(0));
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready = Arc::new(AtomicBool::new(false));
     let reporter = tokio::spawn(report_progress(
         peers,
         from.clone(),
@@ -957,7 +943,7 @@ fn feed_qemu(
     offer: Offer,
     from: &str,
     done: &AtomicU64,
-    ready: &std::sync::atomic::AtomicBool,
+    ready: &AtomicBool,
 ) -> Result<u64, String> {
     let t0 = Instant::now();
     let reader = store.snapshot().map_err(|e| e.to_string())?;
@@ -1044,7 +1030,7 @@ async fn report_progress(
     source: String,
     id: String,
     done: Arc<AtomicU64>,
-    ready: Arc<std::sync::atomic::AtomicBool>,
+    ready: Arc<AtomicBool>,
 ) {
     let mut last = (0, false);
     loop {
@@ -1079,22 +1065,12 @@ fn preload(
     let (m, map) = store
         .page_map(id)
         .map_err(|e| format!("checkpoint {id}: {e}"))?;
-    let same = m.blocks.len() == dec.blocks().len()
-        && m.blocks
-            .iter()
-            .zip(dec.blocks())
-            .all(|(a, b)| a.name == b.name && a.length_bytes == b.length_bytes);
-    if !same {
+    if !dwcp_hde::same_blocks(&m.blocks, dec.blocks()) {
         return Err(format!(
             "checkpoint {id} has another memory layout than the VM"
         ));
     }
-    let zero = dwcp_hde::Digest::zero_page();
-    let pages: Vec<(u16, u64, dwcp_hde::Digest)> = map
-        .iter()
-        .filter(|(_, _, d)| **d != zero)
-        .map(|(b, p, d)| (b as u16, p as u64, *d))
-        .collect();
+    let pages: Vec<(u16, u64, dwcp_hde::Digest)> = map.nonzero_pages().collect();
     // Two readers (store reads, zstd, digest checks are the work), one
     // writer; pages may reach QEMU in any order.
     const BATCH: usize = 512;

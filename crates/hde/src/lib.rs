@@ -38,7 +38,7 @@ pub mod wire;
 use std::fmt;
 
 pub use checkpoint::CheckpointWriter;
-pub use manifest::{BlockInfo, CheckpointStats, Manifest, PageMap};
+pub use manifest::{same_blocks, BlockInfo, CheckpointStats, Manifest, PageMap};
 pub use replica::ReplicaOffer;
 pub use restore::RestoreStream;
 pub use store::{Health, PageReader, PageStore, StoreUsage, VerifyReport};

@@ -38,6 +38,16 @@ pub struct BlockInfo {
     pub length_bytes: u64,
 }
 
+/// Whether a checkpoint's blocks are a stream's: same names and lengths,
+/// in the same order.
+pub fn same_blocks(info: &[BlockInfo], blocks: &[dwcp_vmstream::Block]) -> bool {
+    info.len() == blocks.len()
+        && info
+            .iter()
+            .zip(blocks)
+            .all(|(a, b)| a.name == b.name && a.length_bytes == b.length_bytes)
+}
+
 impl From<&Block> for BlockInfo {
     fn from(b: &Block) -> Self {
         BlockInfo {
@@ -146,6 +156,14 @@ impl PageMap {
             .iter()
             .enumerate()
             .flat_map(|(b, pages)| pages.iter().enumerate().map(move |(p, d)| (b, p, d)))
+    }
+
+    /// The pages that are not all zero: (block, page index, digest).
+    pub fn nonzero_pages(&self) -> impl Iterator<Item = (u16, u64, Digest)> + '_ {
+        let zero = Digest::zero_page();
+        self.iter()
+            .filter(move |(_, _, d)| **d != zero)
+            .map(|(b, p, d)| (b as u16, p as u64, *d))
     }
 
     /// The entries that differ from `parent` (from all-zero memory when

@@ -471,21 +471,16 @@ impl PageStore {
         Ok(report)
     }
 
-    /// The distinct non-zero page digests of the newest checkpoint of a VM
-    /// named `vm` (taken here or replicated from elsewhere): what a
+    /// The newest checkpoint of a VM named `vm` (taken here or replicated
+    /// from elsewhere) and its distinct non-zero page digests: what a
     /// migration of that VM to this node need not send.
-    pub fn latest_pages_of(&self, vm: &str) -> Result<Vec<Digest>, HdeError> {
-        let Some(m) = self.list()?.into_iter().rev().find(|m| m.vm == vm) else {
-            return Ok(Vec::new());
+    pub fn latest_pages_of(&self, vm: &str) -> Result<Option<(Manifest, Vec<Digest>)>, HdeError> {
+        let Some(m) = self.latest_for(vm)? else {
+            return Ok(None);
         };
         let (_, map) = self.page_map(&m.id)?;
-        let zero = Digest::zero_page();
-        let set: HashSet<Digest> = map
-            .iter()
-            .map(|(_, _, d)| *d)
-            .filter(|d| *d != zero)
-            .collect();
-        Ok(set.into_iter().collect())
+        let set: HashSet<Digest> = map.nonzero_pages().map(|(_, _, d)| d).collect();
+        Ok(Some((m, set.into_iter().collect())))
     }
 
     /// Allocates the next checkpoint id of `vm` (`VM@N`).

@@ -481,13 +481,10 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
     let s = stream(&mid, &last, &[10]);
 
     let (_, map) = store.page_map(&base.id).unwrap();
-    let zero = Digest::zero_page();
-    let slots: Vec<((u16, u64), Digest)> = map
-        .iter()
-        .filter(|(_, _, d)| **d != zero)
-        .map(|(b, p, d)| ((b as u16, p as u64), *d))
-        .collect();
-    let offered = store.latest_pages_of("vm").unwrap();
+    let slots: Vec<((u16, u64), Digest)> =
+        map.nonzero_pages().map(|(b, p, d)| ((b, p), d)).collect();
+    let (latest, offered) = store.latest_pages_of("vm").unwrap().unwrap();
+    assert_eq!(latest.id, base.id);
     let mut enc = WireEncoder::new(3).unwrap();
     enc.receiver_has(&offered, Some(store.snapshot().unwrap()));
     enc.receiver_slots(slots.iter().copied());

@@ -335,15 +335,8 @@ impl WireEncoder {
         let Some((id, blocks)) = self.preload.take() else {
             return;
         };
-        let stream: Vec<crate::BlockInfo> = dwcp_vmstream::block_list(block_list)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|b| crate::BlockInfo {
-                name: b.name,
-                length_bytes: b.length_bytes,
-            })
-            .collect();
-        if stream != blocks {
+        let stream = dwcp_vmstream::block_list(block_list).unwrap_or_default();
+        if !crate::same_blocks(&blocks, &stream) {
             // Another memory layout: the receiver's slots mean nothing.
             self.slots.clear();
             return;
