@@ -179,10 +179,9 @@ pub fn run(args: &WanArgs, dir: &Path, steps: &mut Steps) -> anyhow::Result<()> 
             break;
         }
         if t.elapsed() > Duration::from_secs(40) {
-            let log = std::fs::read_to_string(dir.join("alpha.log")).unwrap_or_default();
             bail!(
-                "the agents did not see each other within 40 s; alpha's log ends:\n{}",
-                tail(&log, 8)
+                "the agents did not see each other within 40 s; alpha's log ends: {}",
+                dwcp_hypervisor::qemu::log_tail(&dir.join("alpha.log"), 8)
             );
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -432,9 +431,4 @@ fn qemu_multifd(
 
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("    {l}\n")).collect()
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
