@@ -140,6 +140,9 @@ enum TransferAction {
         /// Number of TCP connections, or auto.
         #[arg(long, default_value = "auto")]
         streams: Streams,
+        /// Most unacknowledged MiB (the receiver's reorder limit).
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        window_mib: u64,
         #[arg(long, default_value = "replication")]
         class: Class,
         /// Print the summary as JSON.
@@ -278,6 +281,7 @@ pub async fn transfer(cmd: TransferCommand) -> anyhow::Result<()> {
             tls,
             peer,
             streams,
+            window_mib,
             class,
             json,
         } => {
@@ -288,6 +292,7 @@ pub async fn transfer(cmd: TransferCommand) -> anyhow::Result<()> {
             let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
             let cfg = TransportConfig {
                 streams,
+                window_bytes: window_mib << 20,
                 ..TransportConfig::default()
             };
             let session = Session::connect(to, &id, peer.as_deref(), cfg).await?;

@@ -100,6 +100,10 @@ pub struct TransportConfig {
     /// Most bytes a receiver holds out of order per transfer (and so the
     /// sender's window).
     pub window_bytes: u64,
+    /// Most bytes of a transfer queued here for a connection (`None`: the
+    /// window alone limits): a sender that should feel the link's pace,
+    /// not a queue's, sets it to about what one RTT carries.
+    pub max_unsent_bytes: Option<u64>,
     /// Size of the data frames a transfer is cut into.
     pub chunk_bytes: usize,
     /// Socket buffer size; `None` sizes it from the measured RTT and
@@ -122,6 +126,7 @@ impl Default for TransportConfig {
         TransportConfig {
             streams: Streams::Auto,
             window_bytes: 128 << 20,
+            max_unsent_bytes: None,
             chunk_bytes: 256 << 10,
             socket_buffer_bytes: None,
             link_rate_hint: 1_000_000_000,
@@ -362,7 +367,13 @@ impl Session {
             connector: TlsConnector::from(client),
             cfg: cfg.clone(),
             session,
-            core: Mutex::new(Sender::new(cfg.window_bytes)),
+            core: Mutex::new({
+                let mut s = Sender::new(cfg.window_bytes);
+                if let Some(n) = cfg.max_unsent_bytes {
+                    s.set_max_unsent(n);
+                }
+                s
+            }),
             wake: Notify::new(),
             room: Notify::new(),
             done: Mutex::new(HashMap::new()),
@@ -776,6 +787,10 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u
                     }
                     c.poll_timeout(now)
                 };
+                if !out.is_empty() && inner.cfg.max_unsent_bytes.is_some() {
+                    // The queue shrank: a source held by it may go on.
+                    inner.room.notify_waiters();
+                }
                 if out.is_empty() {
                     let wait = next_timer
                         .map(|t| Duration::from_nanos(t.saturating_sub(inner.now())))

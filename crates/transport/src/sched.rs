@@ -120,6 +120,8 @@ struct Out {
     next_seq: u64,
     acked: u64,
     unacked_bytes: u64,
+    /// Bytes pushed and never sent yet.
+    unsent_bytes: u64,
     hasher: blake3::Hasher,
     pushed_bytes: u64,
     fin_pushed: bool,
@@ -163,6 +165,7 @@ pub enum SendError {
 
 pub struct Sender {
     window: u64,
+    max_unsent: u64,
     transfers: BTreeMap<u32, Out>,
     classes: Vec<ClassState>,
     control: VecDeque<Frame>,
@@ -181,6 +184,7 @@ impl Sender {
     pub fn new(window: u64) -> Sender {
         Sender {
             window: window.max(crate::frame::MAX_CHUNK as u64),
+            max_unsent: u64::MAX,
             transfers: BTreeMap::new(),
             classes: default_classes()
                 .into_iter()
@@ -202,6 +206,13 @@ impl Sender {
 
     pub fn set_window(&mut self, window: u64) {
         self.window = window.max(crate::frame::MAX_CHUNK as u64);
+    }
+
+    /// Most bytes of a transfer waiting here for a connection: a push
+    /// beyond it is refused like one beyond the window, so a source that
+    /// could run ahead of the link waits instead of queueing here.
+    pub fn set_max_unsent(&mut self, bytes: u64) {
+        self.max_unsent = bytes.max(crate::frame::MAX_CHUNK as u64);
     }
 
     pub fn stats(&self) -> SenderStats {
@@ -240,6 +251,7 @@ impl Sender {
                 next_seq: 0,
                 acked: 0,
                 unacked_bytes: 0,
+                unsent_bytes: 0,
                 hasher: blake3::Hasher::new(),
                 pushed_bytes: 0,
                 fin_pushed: false,
@@ -274,7 +286,12 @@ impl Sender {
     pub fn has_room(&self, transfer: u32, bytes: usize) -> bool {
         self.transfers
             .get(&transfer)
-            .is_some_and(|t| t.unacked_bytes == 0 || t.unacked_bytes + bytes as u64 <= self.window)
+            .is_some_and(|t| self.fits(t, bytes as u64))
+    }
+
+    fn fits(&self, t: &Out, bytes: u64) -> bool {
+        (t.unacked_bytes == 0 || t.unacked_bytes + bytes <= self.window)
+            && (t.unsent_bytes == 0 || t.unsent_bytes + bytes <= self.max_unsent)
     }
 
     /// Adds the next chunk of a transfer (`fin` on the last). Returns
@@ -283,20 +300,23 @@ impl Sender {
         if chunk.len() > crate::frame::MAX_CHUNK {
             return Err(SendError::ChunkTooLarge(chunk.len()));
         }
-        let window = self.window;
         let t = self
             .transfers
-            .get_mut(&transfer)
+            .get(&transfer)
             .ok_or(SendError::Unknown(transfer))?;
         if t.fin_pushed {
             return Err(SendError::Finished(transfer));
         }
-        if t.unacked_bytes > 0 && t.unacked_bytes + chunk.len() as u64 > window {
+        if !self.fits(t, chunk.len() as u64) {
             return Ok(false);
         }
+        let Some(t) = self.transfers.get_mut(&transfer) else {
+            return Err(SendError::Unknown(transfer));
+        };
         t.hasher.update(&chunk);
         t.pushed_bytes += chunk.len() as u64;
         t.unacked_bytes += chunk.len() as u64;
+        t.unsent_bytes += chunk.len() as u64;
         t.fin_pushed = fin;
         t.frames.insert(
             t.next_seq,
@@ -534,6 +554,9 @@ impl Sender {
             Frame::Data { payload, .. } => payload.len(),
             _ => 0,
         };
+        if let Some(t) = self.transfers.get_mut(&id) {
+            t.unsent_bytes -= len as u64;
+        }
         let c = &mut self.classes[pick];
         c.served += len as f64;
         if c.cfg.rate_limit.is_some() {
@@ -802,6 +825,22 @@ mod tests {
         assert_eq!(s.handle_ack(1, 1), Ok(600_000));
         assert_eq!(s.push(1, vec![0; 600_000], true), Ok(true));
         assert!(matches!(s.handle_ack(1, 99), Err(SendError::BadAck { .. })));
+    }
+
+    #[test]
+    fn the_unsent_limit_holds_a_source_to_the_links_pace() {
+        let mut s = Sender::new(64 << 20);
+        s.set_max_unsent(1 << 20);
+        s.open(1, Class::Migration, "m", 0).expect("open");
+        s.handle_ack(1, 0).expect("open acked");
+        assert_eq!(s.push(1, vec![0; 600_000], false), Ok(true));
+        assert!(!s.has_room(1, 600_000));
+        assert_eq!(s.push(1, vec![0; 600_000], false), Ok(false), "queue full");
+        // Sent but not acknowledged: the window has room, the queue too.
+        assert!(matches!(s.poll_transmit(0, 0), Some(Frame::Open { .. })));
+        assert_eq!(data(&s.poll_transmit(0, 0).expect("frame 0")), (1, 0));
+        assert_eq!(s.push(1, vec![0; 600_000], false), Ok(true));
+        assert_eq!(s.push(1, vec![0; 600_000], false), Ok(false));
     }
 
     #[test]
