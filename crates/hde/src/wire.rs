@@ -6,14 +6,15 @@
 //! page lets zstd find repeats across pages, as QEMU's multifd does per
 //! channel, and on top of it pages are sent
 //! - as a fill byte (QEMU's zero pages),
-//! - as a reference to content the receiver holds: a page sent earlier in
-//!   this migration and still in the receiver's ring of recent pages, or a
-//!   page of the checkpoint the receiver offered (`Known`),
+//! - as a reference to content the receiver holds: a page it holds from
+//!   earlier in this migration (both sides keep the version of each page
+//!   last sent, up to [`CACHE_PAGES`]), or a page of the checkpoint the
+//!   receiver offered (`Known`),
 //! - as nothing at all (`Same`, in runs) when the receiver's QEMU holds that
 //!   very content at that very place: the receiver preloaded a replica of
 //!   this VM's checkpoint before the first page arrived,
-//! - as an XOR delta against the version the receiver holds, when the page
-//!   changed a little,
+//! - as an XOR delta against the version the receiver holds (from an
+//!   earlier round, or its replica), when the page changed a little,
 //! - or as the page itself.
 //!
 //! [`WireDecoder`] turns records back into a stream QEMU loads: the source's
@@ -27,15 +28,16 @@
 //! - `VERBATIM`: tail (0/1), kind, be32 length, bytes;
 //! - `FILL`: be16 block, be64 offset, the byte;
 //! - `PAGE`: be16 block, be64 offset, 4096 bytes;
-//! - `DELTA`: be16 block, be64 offset, base ref, 8-byte check, 4096 XOR bytes;
+//! - `DELTA`: be16 block, be64 offset, base ref, 8-byte check, 4096 XOR bytes
+//!   (mostly zeros, which zstd squeezes to a few bytes);
 //! - `REF`: be16 block, be64 offset, ref, 8-byte check;
 //! - `SAME`: be16 block, be64 first page index, be32 count;
 //! - `PRELOAD`: be16 length, the checkpoint id the receiver is to preload.
 //!
-//! A ref is a kind byte (0: the ring, by sequence number; 1: the receiver's
-//! offered pages, by index) and a be32.
+//! A ref is a kind byte, a be16 and a be32: 0, the page the receiver holds
+//! in that block at that page index; 1, 0, the index of a page it offered.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use dwcp_vmstream::{Block, Item, MetaKind, PageData, PageRecord, StreamWriter, PAGE_SIZE};
 use zstd::stream::raw::{CParameter, DParameter, InBuffer, Operation, OutBuffer};
@@ -53,9 +55,12 @@ const TAG_PRELOAD: u8 = 6;
 const NAMED: u8 = 0x80;
 /// Largest verbatim run accepted (a device state piece).
 const MAX_VERBATIM: usize = 64 << 20;
-/// Pages both sides keep of those sent in this migration (64 MiB): the
-/// targets of ring references and delta bases.
-pub const RING_PAGES: u64 = 16 * 1024;
+/// Pages both sides keep of those sent in this migration (1 GiB at most,
+/// only while it runs): the version of each page last sent, the target of
+/// references and the base of deltas when the page is sent again in a
+/// later round. Both sides keep a page when they held it already or when
+/// there is room, so they agree on what is kept without saying so.
+pub const CACHE_PAGES: usize = 256 * 1024;
 /// zstd window: repeats within 8 MiB of stream are found.
 const WINDOW_LOG: u32 = 23;
 /// A changed page goes as a delta when at most this many bytes differ.
@@ -92,18 +97,62 @@ pub struct WireStats {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ref {
-    Ring(u32),
+    /// The page the receiver holds at (block, page index).
+    Slot(u16, u32),
+    /// The receiver's offered page of this index.
     Known(u32),
 }
 
+/// Bytes of a ref on the wire.
+const REF_LEN: usize = 7;
+
 impl Ref {
     fn put(self, out: &mut Vec<u8>) {
-        let (k, v) = match self {
-            Ref::Ring(s) => (0u8, s),
-            Ref::Known(i) => (1u8, i),
+        let (k, b, v) = match self {
+            Ref::Slot(b, i) => (0u8, b, i),
+            Ref::Known(i) => (1u8, 0, i),
         };
         out.push(k);
+        out.extend_from_slice(&b.to_be_bytes());
         out.extend_from_slice(&v.to_be_bytes());
+    }
+
+    fn get(b: &[u8]) -> Option<Ref> {
+        let v = u32::from_be_bytes(b.get(3..7)?.try_into().ok()?);
+        match b[0] {
+            0 => Some(Ref::Slot(u16::from_be_bytes([b[1], b[2]]), v)),
+            1 => Some(Ref::Known(v)),
+            _ => None,
+        }
+    }
+}
+
+/// The pages one side holds from this migration, by slot (block, page
+/// index). See [`CACHE_PAGES`].
+#[derive(Default)]
+struct Cache(HashMap<(u16, u64), Box<Page>>);
+
+impl Cache {
+    /// Keeps `page` as the slot's version if there is room; `false` if not
+    /// kept (the slot's older version, if any, is replaced in any case).
+    fn keep(&mut self, slot: (u16, u64), page: &Page) -> bool {
+        if let Some(p) = self.0.get_mut(&slot) {
+            **p = *page;
+            return true;
+        }
+        if self.0.len() < CACHE_PAGES && slot.1 <= u32::MAX as u64 {
+            self.0.insert(slot, Box::new(*page));
+            return true;
+        }
+        false
+    }
+
+    fn forget(&mut self, slot: (u16, u64)) {
+        self.0.remove(&slot);
+    }
+
+    fn get(&self, slot: (u16, u64)) -> Option<&Page> {
+        self.0.get(&slot).map(|p| &**p)
     }
 }
 
@@ -123,12 +172,10 @@ pub struct WireEncoder {
     /// Records not yet compressed.
     raw: Vec<u8>,
     stats: WireStats,
-    /// Sequence number of the next page that enters the ring.
-    seq: u64,
-    /// Newest sequence number of each content sent.
-    sent: HashMap<Digest, u64>,
-    /// Contents of the last `RING_PAGES` pages sent (index `seq % RING`).
-    ring: VecDeque<Box<Page>>,
+    /// The slot each content was last sent to (it may hold another since).
+    sent: HashMap<Digest, (u16, u64)>,
+    /// What the receiver holds from this migration.
+    cache: Cache,
     /// Pages the receiver offered: index in its list.
     known: HashMap<Digest, u32>,
     /// Per page slot (block, page index), the version the receiver holds.
@@ -153,9 +200,8 @@ impl WireEncoder {
             zstd,
             raw: Vec::with_capacity(1 << 20),
             stats: WireStats::default(),
-            seq: 0,
             sent: HashMap::new(),
-            ring: VecDeque::new(),
+            cache: Cache::default(),
             known: HashMap::new(),
             slots: HashMap::new(),
             store: None,
@@ -233,6 +279,7 @@ impl WireEncoder {
                 self.stats.fill_pages += 1;
                 // The receiver's version is a fill now: no base, never Same.
                 self.slots.remove(&slot);
+                self.cache.forget(slot);
                 self.head(&p, TAG_FILL);
                 self.raw.push(*b);
                 return Ok(());
@@ -241,6 +288,8 @@ impl WireEncoder {
         };
         let d = Digest::of(&data[..]);
         if self.preloading && self.slots.get(&slot) == Some(&d) {
+            // The receiver's version is its preloaded one again.
+            self.cache.forget(slot);
             self.stats.same_pages += 1;
             self.stats.saved_by_dedup += PAGE_SIZE as u64;
             match &mut self.run {
@@ -263,31 +312,38 @@ impl WireEncoder {
             self.head(&p, TAG_REF);
             r.put(&mut self.raw);
             self.raw.extend_from_slice(&check_of(&d));
-            self.slots.insert(slot, d);
+            self.keep(slot, d, data);
             return Ok(());
         }
         // A delta when the receiver's version is at hand on both sides and
         // the page changed little.
-        let mut sent_as_delta = false;
-        if let Some((r, base)) = self.base(slot) {
-            let mark = self.raw.len();
-            self.head(&p, TAG_DELTA);
-            r.put(&mut self.raw);
-            self.raw.extend_from_slice(&check_of(&d));
-            if xor_into(data, &base, &mut self.raw) <= DELTA_MAX_CHANGED {
-                sent_as_delta = true;
-                self.stats.delta_pages += 1;
-            } else {
-                self.raw.truncate(mark);
+        let mark = self.raw.len();
+        self.head(&p, TAG_DELTA);
+        let base = base_of(
+            &self.cache,
+            &self.slots,
+            &self.known,
+            self.store.as_ref(),
+            slot,
+        );
+        let sent_as_delta = match base {
+            Some((r, base)) => {
+                r.put(&mut self.raw);
+                self.raw.extend_from_slice(&check_of(&d));
+                let changed = xor_into(data, &base, &mut self.raw);
+                changed <= DELTA_MAX_CHANGED
             }
-        }
-        if !sent_as_delta {
+            None => false,
+        };
+        if sent_as_delta {
+            self.stats.delta_pages += 1;
+        } else {
+            self.raw.truncate(mark);
             self.stats.full_pages += 1;
             self.head(&p, TAG_PAGE);
             self.raw.extend_from_slice(&data[..]);
         }
-        self.enter_ring(d, data);
-        self.slots.insert(slot, d);
+        self.keep(slot, d, data);
         Ok(())
     }
 
@@ -351,39 +407,44 @@ impl WireEncoder {
         self.preloading = true;
     }
 
+    /// Where the receiver holds content `d`: a slot that holds it still,
+    /// or its offered pages.
     fn reference(&self, d: &Digest) -> Option<Ref> {
-        if let Some(&s) = self.sent.get(d) {
-            if self.seq - s <= RING_PAGES {
-                return Some(Ref::Ring(s as u32));
+        if let Some(&slot) = self.sent.get(d) {
+            if self.slots.get(&slot) == Some(d) && self.cache.get(slot).is_some() {
+                return Some(Ref::Slot(slot.0, slot.1 as u32));
             }
         }
         self.known.get(d).map(|&i| Ref::Known(i))
     }
 
-    fn enter_ring(&mut self, d: Digest, page: &Page) {
-        if self.ring.len() as u64 == RING_PAGES {
-            self.ring.pop_front();
+    /// The receiver holds `d` (with content `page`) at `slot` now.
+    fn keep(&mut self, slot: (u16, u64), d: Digest, page: &Page) {
+        self.slots.insert(slot, d);
+        if self.cache.keep(slot, page) {
+            self.sent.insert(d, slot);
         }
-        self.ring.push_back(Box::new(*page));
-        self.sent.insert(d, self.seq);
-        self.seq += 1;
     }
+}
 
-    /// The receiver's version of a slot, as a reference and its content.
-    fn base(&self, slot: (u16, u64)) -> Option<(Ref, Box<Page>)> {
-        let d = self.slots.get(&slot)?;
-        match self.reference(d)? {
-            Ref::Ring(s) => {
-                let back = self.seq - s as u64;
-                let i = self.ring.len().checked_sub(back as usize)?;
-                Some((Ref::Ring(s), self.ring.get(i)?.clone()))
-            }
-            Ref::Known(i) => {
-                let p = self.store.as_ref()?.page(d).ok()??;
-                Some((Ref::Known(i), p))
-            }
-        }
+/// The receiver's version of a slot, as a reference and its content.
+fn base_of<'a>(
+    cache: &'a Cache,
+    slots: &HashMap<(u16, u64), Digest>,
+    known: &HashMap<Digest, u32>,
+    store: Option<&crate::PageReader>,
+    slot: (u16, u64),
+) -> Option<(Ref, std::borrow::Cow<'a, Page>)> {
+    if let Some(p) = cache.get(slot) {
+        return Some((
+            Ref::Slot(slot.0, slot.1 as u32),
+            std::borrow::Cow::Borrowed(p),
+        ));
     }
+    let d = slots.get(&slot)?;
+    let i = *known.get(d)?;
+    let p = store?.page(d).ok()??;
+    Some((Ref::Known(i), std::borrow::Cow::Owned(*p)))
 }
 
 fn verbatim(out: &mut Vec<u8>, tail: u8, kind: u8, bytes: &[u8]) {
@@ -424,8 +485,7 @@ pub struct WireDecoder {
     /// Decompressed bytes not yet a whole record.
     buf: Vec<u8>,
     writer: StreamWriter,
-    seq: u64,
-    ring: VecDeque<Box<Page>>,
+    cache: Cache,
     known: Vec<Digest>,
     store: Option<crate::PageReader>,
     /// Block of the last page written (QEMU's `CONTINUE` refers to it).
@@ -448,8 +508,7 @@ impl WireDecoder {
             input: Vec::new(),
             buf: Vec::new(),
             writer: StreamWriter::new(),
-            seq: 0,
-            ring: VecDeque::new(),
+            cache: Cache::default(),
             known: Vec::new(),
             store: None,
             last_block: None,
@@ -616,17 +675,15 @@ impl WireDecoder {
 
     fn resolve(&self, r: Ref) -> Result<Box<Page>, HdeError> {
         match r {
-            Ref::Ring(s) => {
-                let back = self.seq.checked_sub(s as u64).unwrap_or(u64::MAX);
-                self.ring
-                    .len()
-                    .checked_sub(back as usize)
-                    .and_then(|i| self.ring.get(i))
-                    .cloned()
-                    .ok_or_else(|| {
-                        HdeError::Stream(format!("a reference to page {s}, not among the recent"))
-                    })
-            }
+            Ref::Slot(b, i) => self
+                .cache
+                .get((b, i as u64))
+                .map(|p| Box::new(*p))
+                .ok_or_else(|| {
+                    HdeError::Stream(format!(
+                        "a reference to page {i} of block {b}, which this side does not hold"
+                    ))
+                }),
             Ref::Known(i) => {
                 let d = self.known.get(i as usize).ok_or_else(|| {
                     HdeError::Stream(format!("a reference to offered page {i}, never offered"))
@@ -639,14 +696,6 @@ impl WireDecoder {
                     .ok_or_else(|| HdeError::Stream(format!("offered page {d} is not here")))
             }
         }
-    }
-
-    fn enter_ring(&mut self, page: &Page) {
-        if self.ring.len() as u64 == RING_PAGES {
-            self.ring.pop_front();
-        }
-        self.ring.push_back(Box::new(*page));
-        self.seq += 1;
     }
 
     /// Decodes one record at the start of `b`; `None` if incomplete.
@@ -726,6 +775,8 @@ impl WireDecoder {
                     .get(block as usize)
                     .ok_or_else(|| bad("a run of pages in no block"))?;
                 for i in first..first.saturating_add(n) {
+                    // The QEMU holds its preloaded version again.
+                    self.cache.forget((block, i));
                     let held = bits
                         .get((i / 64) as usize)
                         .is_some_and(|w| w & (1 << (i % 64)) != 0);
@@ -744,14 +795,11 @@ impl WireDecoder {
                 let block = u16::from_be_bytes([b[1], b[2]]);
                 let offset = u64::from_be_bytes(b[3..11].try_into().map_err(|_| bad("offset"))?);
                 let body = &b[11..];
-                let get_ref = |b: &[u8]| -> Result<Ref, HdeError> {
-                    let v = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
-                    match b[0] {
-                        0 => Ok(Ref::Ring(v)),
-                        1 => Ok(Ref::Known(v)),
-                        _ => Err(bad("reference kind")),
-                    }
-                };
+                let slot = (block, offset / PAGE_SIZE as u64);
+                let get_ref = |b: &[u8]| Ref::get(b).ok_or_else(|| bad("reference kind"));
+                // After the ref: an 8-byte check, then a delta's XOR bytes.
+                const CHECK: usize = REF_LEN;
+                const XOR: usize = REF_LEN + 8;
                 let checked = |page: Box<Page>, check: &[u8]| -> Result<Box<Page>, HdeError> {
                     if check_of(&Digest::of(&page[..]))[..] != check[..8] {
                         return Err(HdeError::Stream(format!(
@@ -765,6 +813,7 @@ impl WireDecoder {
                         let Some(&f) = body.first() else {
                             return Ok(None);
                         };
+                        self.cache.forget(slot);
                         (PageData::Fill(f), 12)
                     }
                     TAG_PAGE => {
@@ -773,29 +822,30 @@ impl WireDecoder {
                         }
                         let mut page = Box::new([0u8; PAGE_SIZE]);
                         page.copy_from_slice(&body[..PAGE_SIZE]);
-                        self.enter_ring(&page);
                         (PageData::Full(page), 11 + PAGE_SIZE)
                     }
                     TAG_REF => {
-                        if body.len() < 13 {
+                        if body.len() < XOR {
                             return Ok(None);
                         }
-                        let page = checked(self.resolve(get_ref(body)?)?, &body[5..13])?;
-                        (PageData::Full(page), 24)
+                        let page = checked(self.resolve(get_ref(body)?)?, &body[CHECK..XOR])?;
+                        (PageData::Full(page), 11 + XOR)
                     }
                     _ => {
-                        if body.len() < 13 + PAGE_SIZE {
+                        if body.len() < XOR + PAGE_SIZE {
                             return Ok(None);
                         }
                         let mut page = self.resolve(get_ref(body)?)?;
-                        for (p, x) in page.iter_mut().zip(&body[13..13 + PAGE_SIZE]) {
+                        for (p, x) in page.iter_mut().zip(&body[XOR..XOR + PAGE_SIZE]) {
                             *p ^= x;
                         }
-                        let page = checked(page, &body[5..13])?;
-                        self.enter_ring(&page);
-                        (PageData::Full(page), 24 + PAGE_SIZE)
+                        let page = checked(page, &body[CHECK..XOR])?;
+                        (PageData::Full(page), 11 + XOR + PAGE_SIZE)
                     }
                 };
+                if let PageData::Full(page) = &data {
+                    self.cache.keep(slot, page);
+                }
                 let rec = PageRecord {
                     block,
                     offset,
