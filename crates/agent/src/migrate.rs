@@ -267,9 +267,18 @@ impl Manager {
             accel,
         })
         .map_err(|e| failed(e.to_string()))?;
-        let answer = peers
-            .request(to, "migrate-prepare", prepare, Duration::from_secs(60))
-            .await?;
+        // The data session connects while the destination prepares (each
+        // TLS connection costs round trips: seconds on a long link).
+        let plan = Plan::of(peers.link(to));
+        let (answer, session) = tokio::join!(
+            peers.request(to, "migrate-prepare", prepare, Duration::from_secs(60)),
+            peers.data_session(to, plan.transport.clone()),
+        );
+        let answer = answer?;
+        let session = session.map_err(|e| {
+            let why = crate::format_chain(&e);
+            (failed(why.clone()), why)
+        });
         // Pages the destination holds already (a replicated checkpoint),
         // and whether it can preload that checkpoint into its QEMU.
         let (preload, offered) = dwcp_hde::wire::decode_offer(&answer).unwrap_or_default();
@@ -297,12 +306,19 @@ impl Manager {
             }
         };
 
+        let session = match session {
+            Ok(s) => s,
+            Err((e, why)) => {
+                abort_remote(&why).await;
+                return Err(e);
+            }
+        };
         let sent = self
             .send_stream(
                 &vm.dir,
                 &qmp,
-                &peers,
-                to,
+                session,
+                &plan,
                 &id,
                 spec.memory_bytes,
                 control,
@@ -313,6 +329,7 @@ impl Manager {
         let Sent {
             stats,
             preloaded,
+            confirmed,
             rounds,
             downtime,
             stop_unix_us,
@@ -327,14 +344,19 @@ impl Manager {
         };
         let paused_at = Instant::now();
         lock(&control.progress).status = "switch-over".into();
-        let commit = peers
-            .request(
+        let (commit, confirmed) = tokio::join!(
+            peers.request(
                 to,
                 "migrate-commit",
                 json!({ "id": id }).to_string().into_bytes(),
                 Duration::from_secs(90),
-            )
-            .await;
+            ),
+            confirmed
+        );
+        if let Err(e) = confirmed {
+            // The destination's answer says whether it has it all.
+            tracing::warn!(vm = %name, "the stream's confirmation failed: {e}");
+        }
         match commit {
             Ok(_) => {
                 let switchover_ms = paused_at.elapsed().as_millis() as u64;
@@ -394,8 +416,8 @@ impl Manager {
         &self,
         dir: &std::path::Path,
         qmp: &Qmp,
-        peers: &Arc<crate::peers::Peers>,
-        to: &str,
+        session: dwcp_transport::Session,
+        plan: &Plan,
         id: &str,
         memory_bytes: u64,
         control: &Arc<MigrationControl>,
@@ -406,38 +428,12 @@ impl Manager {
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)
             .map_err(|e| format!("{}: {e}", sock.display()))?;
-        // A window of about one bandwidth-delay product: QEMU then sees the
-        // link's rate, not a buffer's.
-        let (rtt, rate) = peers
-            .link(to)
-            .unwrap_or((Duration::from_millis(100), 100e6));
-        let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
-        // zstd -3 keeps up with links to a few hundred Mbit/s on one core;
-        // faster links get -1.
-        let level = if rate < 300e6 { 3 } else { 1 };
-        // What the destination may have still to do (record bytes): about
-        // what it does in one and a half RTTs, so it is never starved and
-        // never far behind (its backlog adds to the guest's pause).
-        let backlog =
-            ((rtt.as_secs_f64() * 1.5 * DESTINATION_RATE) as u64).clamp(16 << 20, 192 << 20);
-        let cfg = TransportConfig {
-            // Probes are short and so underestimate the rate (slow start),
-            // badly on long links: the window allows at least 250 Mbit/s
-            // at the measured RTT, and never less than 8 MiB. (At 500 ms,
-            // 8 MiB held a 200 Mbit/s link to 47 Mbit/s.) The pace QEMU
-            // sees comes from the flow control on the destination's work.
-            window_bytes: (2 * bdp)
-                .max((rtt.as_secs_f64() * 250e6 / 8.0) as u64)
-                .clamp(8 << 20, 64 << 20),
-            // A destination gone this long fails the migration: the VM
-            // runs on here.
-            resume_timeout: Duration::from_secs(15),
-            ..TransportConfig::default()
-        };
-        let session = peers
-            .data_session(to, cfg)
-            .await
-            .map_err(|e| crate::format_chain(&e))?;
+        let Plan {
+            level,
+            backlog,
+            rtt,
+            ..
+        } = *plan;
         let q = |e: dwcp_hypervisor::QmpError| e.to_string();
         qmp.execute("migrate-set-capabilities", Some(capabilities()))
             .await
@@ -486,19 +482,25 @@ impl Manager {
         let encoder = tokio::task::spawn_blocking(move || {
             encode_stream(conn, tx, &counters, known, level, backlog)
         });
-        let transfer_name = format!("migrate/{id}");
-        let transfer = session.send(
-            &transfer_name,
-            Class::Migration,
-            memory_bytes,
-            ChanReader::new(rx),
-            |_| {},
-        );
-        let result = async {
-            let report = transfer.await.map_err(|e| crate::format_chain(&e))?;
-            let stats = encoder.await.map_err(|e| e.to_string())??;
-            Ok::<_, String>((report, stats))
-        };
+        let transfer = tokio::spawn({
+            let (session, name) = (session.clone(), format!("migrate/{id}"));
+            async move {
+                session
+                    .send(
+                        &name,
+                        Class::Migration,
+                        memory_bytes,
+                        ChanReader::new(rx),
+                        |_| {},
+                    )
+                    .await
+            }
+        });
+        // QEMU is done when the encoder is: its last bytes are on their
+        // way, and the destination starts the guest only once it has fed
+        // them all to its QEMU, so the switch-over need not wait for the
+        // transfer's confirmation (a round trip more).
+        let result = async { encoder.await.map_err(|e| e.to_string())? };
         let mut cancel = control.cancel.subscribe();
         let watch = async {
             let t0 = Instant::now();
@@ -550,18 +552,37 @@ impl Manager {
             }
             _ = watch => Err("the progress watcher ended".to_string()),
         };
-        let (report, stats) = outcome.inspect_err(|_| session.close())?;
-        session.close();
+        let stats = outcome.inspect_err(|_| {
+            session.close();
+            transfer.abort();
+        })?;
         let status = qmp.execute("query-migrate", None).await.map_err(q)?;
         if status["status"] != "completed" {
+            session.close();
+            transfer.abort();
             return Err(format!("QEMU's migration ended {}", status["status"]));
         }
         let rounds = status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-        tracing::info!(
-            bytes = report.bytes,
-            goodput = report.goodput_bps,
-            "stream sent"
-        );
+        let confirmed = Box::pin(async move {
+            let r = match transfer.await {
+                Ok(Ok(report)) => {
+                    tracing::info!(
+                        bytes = report.bytes,
+                        goodput = report.goodput_bps,
+                        frames = report.frames_sent,
+                        resent = report.retransmitted_frames,
+                        streams = report.streams_max,
+                        reconnects = report.reconnects,
+                        "stream sent"
+                    );
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(crate::format_chain(&e)),
+                Err(e) => Err(e.to_string()),
+            };
+            session.close();
+            r
+        });
         let mut stop_unix_us = None;
         loop {
             match events.try_recv() {
@@ -573,6 +594,7 @@ impl Manager {
         Ok(Sent {
             stats: stats.0,
             preloaded: stats.1,
+            confirmed,
             rounds,
             downtime: status["downtime"].as_u64(),
             stop_unix_us,
@@ -793,6 +815,62 @@ fn default_deadline(memory: u64, link: Option<(Duration, f64)>) -> Duration {
     Duration::from_secs_f64((memory as f64 * 8.0 / rate * 5.0).max(120.0))
 }
 
+/// How a migration uses the link, from its last measured RTT and goodput.
+#[derive(Clone, Debug)]
+struct Plan {
+    rtt: Duration,
+    /// zstd level of the wire stream.
+    level: i32,
+    /// Record bytes the destination may have still to do.
+    backlog: u64,
+    transport: TransportConfig,
+}
+
+impl Plan {
+    fn of(link: Option<(Duration, f64)>) -> Plan {
+        let (rtt, rate) = link.unwrap_or((Duration::from_millis(100), 100e6));
+        let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
+        Plan {
+            rtt,
+            // zstd -2: on text about as fast as -1 for 4 % fewer bytes, and
+            // 40 % faster than -3 for 3 % more; the relay shares its cores
+            // with the guest and its own CPU is what holds it back below a
+            // few hundred Mbit/s. Faster links get -1.
+            level: if rate < 300e6 { 2 } else { 1 },
+            // About what the destination does in one and a half RTTs, so it
+            // is never starved and never far behind (its backlog adds to
+            // the guest's pause).
+            backlog: ((rtt.as_secs_f64() * 1.5 * DESTINATION_RATE) as u64)
+                .clamp(16 << 20, 192 << 20),
+            transport: TransportConfig {
+                // The window covers what is in flight while losses are
+                // repaired: a frame held up by one holds the in-order point
+                // for an RTT or more, on some connection nearly always.
+                // Measured with `dwcp transfer send --window-mib` at 500
+                // ms RTT and 1 % loss on 200 Mbit/s (BDP 12.5 MB): 31 MiB
+                // gave 120 Mbit/s in steady state, 64 MiB 156, 128 MiB
+                // 196. Probes are short and underestimate the rate, so it
+                // is sized for 2 Gbit/s at the measured RTT; what it costs
+                // is memory here, not queueing (see `max_unsent_bytes`).
+                window_bytes: ((rtt.as_secs_f64() * 2e9 / 8.0) as u64)
+                    .max(8 * bdp)
+                    .clamp(16 << 20, 256 << 20),
+                // Nothing queues here beyond what keeps the connections
+                // busy: QEMU sees the link's pace, and the pause does not
+                // wait for a queue to drain.
+                max_unsent_bytes: Some(UNSENT_BYTES),
+                // A destination gone this long fails the migration: the VM
+                // runs on here.
+                resume_timeout: Duration::from_secs(15),
+                ..TransportConfig::default()
+            },
+        }
+    }
+}
+
+/// The most stream bytes queued at the source for a connection.
+const UNSENT_BYTES: u64 = 4 << 20;
+
 /// Record bytes a destination rebuilds per second, about (store reads,
 /// hashing, writing to QEMU), for the flow control's budget.
 const DESTINATION_RATE: f64 = 256e6;
@@ -814,6 +892,8 @@ const HOLD_BACKLOG: u64 = 128 << 20;
 struct Sent {
     stats: WireStats,
     preloaded: bool,
+    /// The transfer's end: the destination confirmed length and hash.
+    confirmed: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>,
     rounds: u64,
     downtime: Option<u64>,
     /// When the source guest stopped (QEMU's clock, microseconds).
@@ -1147,8 +1227,15 @@ fn encode_stream(
     let mut buf = vec![0u8; 1 << 20];
     let mut out = Vec::with_capacity(2 << 20);
     let mut names: Vec<String> = Vec::new();
+    // Where the relay's time went, for the log: waiting for QEMU, for the
+    // link, for the destination.
+    let t0 = Instant::now();
+    let mut waited = [Duration::ZERO; 3];
     loop {
-        let n = match conn.read(&mut buf) {
+        let t = Instant::now();
+        let read = conn.read(&mut buf);
+        waited[0] += t.elapsed();
+        let n = match read {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -1177,9 +1264,11 @@ fn encode_stream(
                 .wire_bytes
                 .fetch_add(out.len() as u64, Ordering::Relaxed);
             let chunk = std::mem::replace(&mut out, Vec::with_capacity(2 << 20));
+            let t = Instant::now();
             if tx.blocking_send(chunk).is_err() {
                 return Err("the transfer to the destination ended".into());
             }
+            waited[1] += t.elapsed();
         }
         // Stop reading QEMU while the destination is far behind: QEMU then
         // sees the rate the whole path really has.
@@ -1189,6 +1278,7 @@ fn encode_stream(
             counters.done_at_destination.load(Ordering::Relaxed),
             Instant::now(),
         );
+        let t = Instant::now();
         loop {
             let done = counters.done_at_destination.load(Ordering::Relaxed);
             // The preload counts as the records of its pages: the first
@@ -1213,8 +1303,17 @@ fn encode_stream(
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+        waited[2] += t.elapsed();
     }
     parser.finish().map_err(|e| format!("QEMU's stream: {e}"))?;
+    let [qemu, link, destination] = waited.map(|d| d.as_secs_f64());
+    tracing::info!(
+        secs = t0.elapsed().as_secs_f64(),
+        waiting_for_qemu = qemu,
+        waiting_for_link = link,
+        waiting_for_destination = destination,
+        "relay done"
+    );
     Ok((enc.stats(), enc.preloading()))
 }
 

@@ -388,6 +388,12 @@ impl Peers {
                                 p.last_error = None;
                             });
                             session = Some(s);
+                            // Requests to the peer (and its answers to ours)
+                            // find a session up: connecting costs round
+                            // trips, seconds on a long link.
+                            if let Err(e) = self.session(&name).await {
+                                tracing::debug!(peer = %name, "no request session: {e}");
+                            }
                         }
                         Ok(Err(e)) => self.down(&name, crate::format_chain(&e)),
                         Err(_) => self.down(&name, "the probe transfer timed out".into()),
