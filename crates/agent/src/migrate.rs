@@ -837,11 +837,14 @@ impl Plan {
             // with the guest and its own CPU is what holds it back below a
             // few hundred Mbit/s. Faster links get -1.
             level: if rate < 300e6 { 2 } else { 1 },
-            // About what the destination does in one and a half RTTs, so it
-            // is never starved and never far behind (its backlog adds to
-            // the guest's pause).
-            backlog: ((rtt.as_secs_f64() * 1.5 * DESTINATION_RATE) as u64)
-                .clamp(16 << 20, 192 << 20),
+            // About what the destination does in three RTTs: it counts
+            // what is on the link too, and a page sent as a delta is 4 KiB
+            // of work for a few bytes of link, so with less (1.5 RTTs) the
+            // relay of a 1 GiB guest at 100 ms waited 6 s of 17 for it
+            // while the link had room. Never far behind either: its
+            // backlog adds to the guest's pause.
+            backlog: ((rtt.as_secs_f64() * 3.0 * DESTINATION_RATE) as u64)
+                .clamp(32 << 20, 384 << 20),
             transport: TransportConfig {
                 // The window covers what is in flight while losses are
                 // repaired: a frame held up by one holds the in-order point

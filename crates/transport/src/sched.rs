@@ -175,8 +175,12 @@ pub struct Sender {
     hedge_after: Option<u64>,
 }
 
-/// How many of a transfer's oldest unacknowledged frames may be hedged.
-const HEDGE_DEPTH: usize = 8;
+/// How many of a transfer's oldest unacknowledged frames may be hedged:
+/// the one that holds the in-order point. The frames behind it are late by
+/// the same clock but usually held by the receiver already (acks are
+/// cumulative); sending them again cost a 1 GiB migration 10 to 20 % more
+/// bytes at 1 % loss.
+const HEDGE_DEPTH: usize = 1;
 
 impl Sender {
     /// `window`: most unacknowledged bytes per transfer (the receiver's
@@ -895,8 +899,11 @@ mod tests {
         // Frame 0 (on conn 0) is late: conn 1 sends it again, once.
         assert_eq!(data(&s.poll_transmit(1, 2_000).expect("f")), (1, 0));
         assert_eq!(s.poll_transmit(1, 3_000), None);
-        // Frame 1 is late on conn 1 by now: conn 0 helps with it. Frame 0,
-        // hedged once already, is not sent a third time.
+        // Frame 1 is late by now too, but only the frame that holds the
+        // in-order point goes again (the receiver may well hold frame 1);
+        // frame 0, hedged once already, is not sent a third time.
+        assert_eq!(s.poll_transmit(0, 5_000), None);
+        s.handle_ack(1, 1).expect("frame 0 acked");
         assert_eq!(s.poll_transmit(0, 5_000).map(|f| data(&f)), Some((1, 1)));
         assert_eq!(s.poll_transmit(0, 9_000), None);
         assert_eq!(s.stats().frames_retransmitted, 2);
