@@ -544,6 +544,16 @@ async fn drive_migration(
     if !was_running {
         return Ok((None, downtime));
     }
+    // QEMU says "completed" a moment before it leaves finish-migrate, and
+    // refuses `cont` until then ("Migration is not finalized yet").
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let s = qmp.execute("query-status", None).await.map_err(q)?;
+        if s["status"] != "finish-migrate" {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
     qmp.execute("cont", None).await.map_err(q)?;
     let waited = tokio::time::timeout(Duration::from_secs(2), async {
         while resume_us.is_none() {
