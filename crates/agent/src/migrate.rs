@@ -552,16 +552,18 @@ impl Manager {
             }
             _ = watch => Err("the progress watcher ended".to_string()),
         };
-        let stats = outcome.inspect_err(|_| {
+        let ended = async {
+            let stats = outcome?;
+            let status = qmp.execute("query-migrate", None).await.map_err(q)?;
+            if status["status"] != "completed" {
+                return Err(format!("QEMU's migration ended {}", status["status"]));
+            }
+            Ok((stats, status))
+        };
+        let (stats, status) = ended.await.inspect_err(|_| {
             session.close();
             transfer.abort();
         })?;
-        let status = qmp.execute("query-migrate", None).await.map_err(q)?;
-        if status["status"] != "completed" {
-            session.close();
-            transfer.abort();
-            return Err(format!("QEMU's migration ended {}", status["status"]));
-        }
         let rounds = status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
         let confirmed = Box::pin(async move {
             let r = match transfer.await {

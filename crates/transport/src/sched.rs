@@ -893,13 +893,20 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_late_frame_is_hedged_once_on_an_idle_connection() {
+    /// A sender that hedges frames late by 1 µs, with transfer 1 open and
+    /// confirmed.
+    fn hedging_sender() -> Sender {
         let mut s = Sender::new(1 << 24);
         s.set_hedge_after(Some(1_000));
         s.open(1, Class::Migration, "x", 0).expect("open");
         assert!(matches!(s.poll_transmit(0, 0), Some(Frame::Open { .. })));
         s.handle_ack(1, 0).expect("open acked");
+        s
+    }
+
+    #[test]
+    fn a_late_frame_is_hedged_once_on_an_idle_connection() {
+        let mut s = hedging_sender();
         s.push(1, vec![0; 10], false).expect("push");
         s.push(1, vec![1; 10], true).expect("push");
         assert_eq!(data(&s.poll_transmit(0, 0).expect("f")), (1, 0));
@@ -922,11 +929,7 @@ mod tests {
 
     #[test]
     fn frames_stuck_behind_a_late_one_on_its_connection_are_hedged_others_not() {
-        let mut s = Sender::new(1 << 24);
-        s.set_hedge_after(Some(1_000));
-        s.open(1, Class::Migration, "x", 0).expect("open");
-        assert!(matches!(s.poll_transmit(0, 0), Some(Frame::Open { .. })));
-        s.handle_ack(1, 0).expect("open acked");
+        let mut s = hedging_sender();
         for i in 0..3 {
             s.push(1, vec![i; 10], i == 2).expect("push");
         }
