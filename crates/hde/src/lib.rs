@@ -28,6 +28,7 @@
 
 mod checkpoint;
 pub mod codec;
+mod image;
 mod manifest;
 mod objects;
 pub mod replica;
@@ -38,6 +39,7 @@ pub mod wire;
 use std::fmt;
 
 pub use checkpoint::CheckpointWriter;
+pub use image::{write_image, MemoryImage};
 pub use manifest::{same_blocks, BlockInfo, CheckpointStats, Manifest, PageMap};
 pub use replica::ReplicaOffer;
 pub use restore::RestoreStream;

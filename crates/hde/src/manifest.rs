@@ -166,6 +166,18 @@ impl PageMap {
             .map(|(b, p, d)| (b as u16, p as u64, *d))
     }
 
+    /// The distinct non-zero digests, in the order of their first place:
+    /// the same list wherever the same map is (a checkpoint and its
+    /// replica), so a migration's two sides can name its pages by index
+    /// without the list crossing the link.
+    pub fn distinct_pages(&self) -> Vec<Digest> {
+        let mut seen = std::collections::HashSet::new();
+        self.nonzero_pages()
+            .map(|(_, _, d)| d)
+            .filter(|d| seen.insert(*d))
+            .collect()
+    }
+
     /// The entries that differ from `parent` (from all-zero memory when
     /// there is none), encoded.
     pub fn changes_from(&self, parent: Option<&PageMap>) -> Vec<u8> {

@@ -472,15 +472,15 @@ impl PageStore {
     }
 
     /// The newest checkpoint of a VM named `vm` (taken here or replicated
-    /// from elsewhere) and its distinct non-zero page digests: what a
-    /// migration of that VM to this node need not send.
+    /// from elsewhere) and its distinct non-zero page digests (see
+    /// [`PageMap::distinct_pages`]): what a migration of that VM to this
+    /// node need not send.
     pub fn latest_pages_of(&self, vm: &str) -> Result<Option<(Manifest, Vec<Digest>)>, HdeError> {
         let Some(m) = self.latest_for(vm)? else {
             return Ok(None);
         };
         let (_, map) = self.page_map(&m.id)?;
-        let set: HashSet<Digest> = map.nonzero_pages().map(|(_, _, d)| d).collect();
-        Ok(Some((m, set.into_iter().collect())))
+        Ok(Some((m, map.distinct_pages())))
     }
 
     /// Allocates the next checkpoint id of `vm` (`VM@N`).

@@ -109,8 +109,13 @@ fn restored_memory(store: &PageStore, id: &str) -> Result<Memory, HdeError> {
 
 /// The memory (block 0) QEMU would hold after loading `bytes`.
 fn memory_of_stream(bytes: &[u8]) -> Memory {
+    memory_after_stream(Memory::new(), bytes)
+}
+
+/// The memory of block 0 after loading `bytes` into a QEMU whose memory
+/// held `mem` (as one started on a memory file does).
+fn memory_after_stream(mut mem: Memory, bytes: &[u8]) -> Memory {
     let mut p = StreamParser::new();
-    let mut mem = Memory::new();
     p.feed(bytes);
     while let Some(item) = p.next_item().unwrap() {
         if let Item::Page(rec) = item {
@@ -496,7 +501,7 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
     assert_eq!(st.delta_pages, 1, "{st:?}");
     assert!(st.wire_bytes < 12 * 4096, "{st:?}");
 
-    let mut dec = WireDecoder::with_store(offered, store.snapshot().unwrap()).unwrap();
+    let mut dec = WireDecoder::with_store(offered.clone(), store.snapshot().unwrap()).unwrap();
     let mut out = Vec::new();
     for chunk in wire.chunks(500) {
         dec.feed(chunk, &mut out).unwrap();
@@ -517,6 +522,31 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
         last,
         "QEMU ends with the source's memory"
     );
+
+    // A receiver whose QEMU maps the replica as its memory counts the
+    // pages without writing them: QEMU ends with the same memory.
+    let mut dec = WireDecoder::with_store(offered.clone(), store.snapshot().unwrap()).unwrap();
+    let mut mapped = Vec::new();
+    for chunk in wire.chunks(500) {
+        dec.feed(chunk, &mut mapped).unwrap();
+        if dec.take_preload().is_some() {
+            for &((b, p), _) in &slots {
+                dec.preload_in_place(b, p).unwrap();
+            }
+            dec.end_preload();
+            dec.feed(&[], &mut mapped).unwrap();
+        }
+    }
+    assert_eq!(dec.record_bytes(), st.record_bytes);
+    assert!(
+        mapped.len() * 4 < out.len(),
+        "{} vs {}",
+        mapped.len(),
+        out.len()
+    );
+    assert_eq!(memory_after_stream(first.clone(), &mapped), last);
+    // Outside a preload, or outside memory, it is refused.
+    assert!(dec.preload_in_place(0, 1).is_err());
 
     // Without the preload, the same records are refused, not misapplied.
     let mut dec = WireDecoder::with_store(Vec::new(), store.snapshot().unwrap()).unwrap();

@@ -28,8 +28,11 @@
 //! - `VERBATIM`: tail (0/1), kind, be32 length, bytes;
 //! - `FILL`: be16 block, be64 offset, the byte;
 //! - `PAGE`: be16 block, be64 offset, 4096 bytes;
-//! - `DELTA`: be16 block, be64 offset, base ref, 8-byte check, 4096 XOR bytes
-//!   (mostly zeros, which zstd squeezes to a few bytes);
+//! - `DELTA`: be16 block, be64 offset, base ref, 8-byte check, be16 count
+//!   of runs, per run be16 offset, be16 length and that many bytes of the
+//!   XOR with the base (runs of whole 8-byte words that changed: the
+//!   unchanged rest is not written, so zstd need not squeeze 4 KiB of
+//!   zeros per page on either side);
 //! - `REF`: be16 block, be64 offset, ref, 8-byte check;
 //! - `SAME`: be16 block, be64 first page index, be32 count;
 //! - `PRELOAD`: be16 length, the checkpoint id the receiver is to preload.
@@ -37,7 +40,9 @@
 //! A ref is a kind byte, a be16 and a be32: 0, the page the receiver holds
 //! in that block at that page index; 1, 0, the index of a page it offered.
 
-use std::collections::HashMap;
+/// The maps here are looked up several times per page: a fast hasher
+/// (seeded per process, so a peer cannot aim collisions at it).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use dwcp_vmstream::{Block, Item, MetaKind, PageData, PageRecord, StreamWriter, PAGE_SIZE};
 use zstd::stream::raw::{CParameter, DParameter, InBuffer, Operation, OutBuffer};
@@ -63,8 +68,14 @@ const MAX_VERBATIM: usize = 64 << 20;
 pub const CACHE_PAGES: usize = 256 * 1024;
 /// zstd window: repeats within 8 MiB of stream are found.
 const WINDOW_LOG: u32 = 23;
-/// A changed page goes as a delta when at most this many bytes differ.
-const DELTA_MAX_CHANGED: usize = PAGE_SIZE / 2;
+/// A changed page goes as a delta when its runs take at most this many
+/// bytes.
+const DELTA_MAX: usize = PAGE_SIZE / 2;
+/// Runs in a delta, at most (runs of 8-byte words with gaps between).
+const DELTA_MAX_RUNS: usize = PAGE_SIZE / 16;
+/// What a delta counts for in [`WireStats::record_bytes`], however short
+/// its runs: the receiver's work is a page's (a base read, a page written).
+const DELTA_COST: u64 = 11 + REF_LEN as u64 + 8 + PAGE_SIZE as u64;
 /// What a preloaded page counts for in [`WireStats::record_bytes`].
 const PRELOAD_PAGE_COST: u64 = 11 + PAGE_SIZE as u64;
 /// Longest run of `Same` pages in one record.
@@ -128,31 +139,48 @@ impl Ref {
 }
 
 /// The pages one side holds from this migration, by slot (block, page
-/// index). See [`CACHE_PAGES`].
+/// index). See [`CACHE_PAGES`]. Pages a slot gave up are reused for the
+/// next (a page allocated per page sent was a sixth of the sender's time).
 #[derive(Default)]
-struct Cache(HashMap<(u16, u64), Box<Page>>);
+struct Cache {
+    at: HashMap<(u16, u64), u32>,
+    pages: Vec<Box<Page>>,
+    free: Vec<u32>,
+}
 
 impl Cache {
     /// Keeps `page` as the slot's version if there is room; `false` if not
     /// kept (the slot's older version, if any, is replaced in any case).
     fn keep(&mut self, slot: (u16, u64), page: &Page) -> bool {
-        if let Some(p) = self.0.get_mut(&slot) {
-            **p = *page;
+        if let Some(&i) = self.at.get(&slot) {
+            *self.pages[i as usize] = *page;
             return true;
         }
-        if self.0.len() < CACHE_PAGES && slot.1 <= u32::MAX as u64 {
-            self.0.insert(slot, Box::new(*page));
-            return true;
+        if self.at.len() >= CACHE_PAGES || slot.1 > u32::MAX as u64 {
+            return false;
         }
-        false
+        let i = match self.free.pop() {
+            Some(i) => {
+                *self.pages[i as usize] = *page;
+                i
+            }
+            None => {
+                self.pages.push(Box::new(*page));
+                self.pages.len() as u32 - 1
+            }
+        };
+        self.at.insert(slot, i);
+        true
     }
 
     fn forget(&mut self, slot: (u16, u64)) {
-        self.0.remove(&slot);
+        if let Some(i) = self.at.remove(&slot) {
+            self.free.push(i);
+        }
     }
 
     fn get(&self, slot: (u16, u64)) -> Option<&Page> {
-        self.0.get(&slot).map(|p| &**p)
+        self.at.get(&slot).map(|&i| &*self.pages[i as usize])
     }
 }
 
@@ -160,10 +188,75 @@ fn check_of(d: &Digest) -> [u8; 8] {
     d.0[..8].try_into().unwrap_or_default()
 }
 
-fn xor_into(a: &Page, b: &Page, out: &mut Vec<u8>) -> usize {
+/// Appends the runs of `a` XOR `b` (see the module docs); `None` when
+/// they would take more than [`DELTA_MAX`] bytes (what was appended is
+/// left for the caller to cut).
+fn delta_into(a: &Page, b: &Page, out: &mut Vec<u8>) -> Option<usize> {
+    const W: usize = 8;
+    let word =
+        |p: &Page, i: usize| u64::from_ne_bytes(p[i * W..i * W + W].try_into().unwrap_or_default());
     let start = out.len();
-    out.extend(a.iter().zip(b.iter()).map(|(x, y)| x ^ y));
-    out[start..].iter().filter(|&&x| x != 0).count()
+    out.extend_from_slice(&[0, 0]);
+    let (mut runs, mut i) = (0u16, 0);
+    while i < PAGE_SIZE / W {
+        if word(a, i) == word(b, i) {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        while i < PAGE_SIZE / W && word(a, i) != word(b, i) {
+            i += 1;
+        }
+        let (at, len) = (first * W, (i - first) * W);
+        out.extend_from_slice(&(at as u16).to_be_bytes());
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend(
+            a[at..at + len]
+                .iter()
+                .zip(&b[at..at + len])
+                .map(|(x, y)| x ^ y),
+        );
+        runs += 1;
+        if out.len() - start > DELTA_MAX {
+            return None;
+        }
+    }
+    out[start..start + 2].copy_from_slice(&runs.to_be_bytes());
+    Some(out.len() - start)
+}
+
+/// Applies the runs at the start of `b` to `page` (with none, only checks
+/// them); the bytes they took, or `None` if `b` holds only part of them.
+fn apply_delta(b: &[u8], mut page: Option<&mut Page>) -> Result<Option<usize>, HdeError> {
+    let bad = |w: &str| HdeError::Stream(format!("malformed migration record: {w}"));
+    let Some(n) = b.get(..2) else {
+        return Ok(None);
+    };
+    let n = u16::from_be_bytes([n[0], n[1]]) as usize;
+    if n > DELTA_MAX_RUNS {
+        return Err(bad("too many runs in a delta"));
+    }
+    let mut at = 2;
+    for _ in 0..n {
+        let Some(h) = b.get(at..at + 4) else {
+            return Ok(None);
+        };
+        let off = u16::from_be_bytes([h[0], h[1]]) as usize;
+        let len = u16::from_be_bytes([h[2], h[3]]) as usize;
+        if off + len > PAGE_SIZE {
+            return Err(bad("a delta run outside the page"));
+        }
+        let Some(x) = b.get(at + 4..at + 4 + len) else {
+            return Ok(None);
+        };
+        if let Some(page) = page.as_deref_mut() {
+            for (p, x) in page[off..off + len].iter_mut().zip(x) {
+                *p ^= x;
+            }
+        }
+        at += 4 + len;
+    }
+    Ok(Some(at))
 }
 
 /// Encodes a VM image stream for the wire. See the module docs.
@@ -182,6 +275,8 @@ pub struct WireEncoder {
     slots: HashMap<(u16, u64), Digest>,
     /// Where contents of the receiver's offered pages are found here.
     store: Option<crate::PageReader>,
+    /// Where some of them are found faster.
+    image: Option<crate::MemoryImage>,
     /// The receiver's QEMU holds `slots` already (it preloads checkpoint
     /// `.0`, whose blocks are `.1`); `None` once announced or refused.
     preload: Option<(String, Vec<crate::BlockInfo>)>,
@@ -200,11 +295,12 @@ impl WireEncoder {
             zstd,
             raw: Vec::with_capacity(1 << 20),
             stats: WireStats::default(),
-            sent: HashMap::new(),
+            sent: HashMap::default(),
             cache: Cache::default(),
-            known: HashMap::new(),
-            slots: HashMap::new(),
+            known: HashMap::default(),
+            slots: HashMap::default(),
             store: None,
+            image: None,
             preload: None,
             preloading: false,
             run: None,
@@ -214,10 +310,17 @@ impl WireEncoder {
     /// The receiver offered these pages (in this order): they are sent as
     /// references. `store` holds their contents here, for deltas.
     pub fn receiver_has(&mut self, offered: &[Digest], store: Option<crate::PageReader>) {
+        self.known.reserve(offered.len());
         for (i, d) in offered.iter().enumerate() {
             self.known.entry(*d).or_insert(i as u32);
         }
         self.store = store;
+    }
+
+    /// Pages the receiver offered are read from `image` when it holds
+    /// them (delta bases), rather than from the store.
+    pub fn bases_from(&mut self, image: crate::MemoryImage) {
+        self.image = Some(image);
     }
 
     /// The receiver holds, for these page slots (block, page index), the
@@ -323,20 +426,18 @@ impl WireEncoder {
             &self.cache,
             &self.slots,
             &self.known,
-            self.store.as_ref(),
+            (self.image.as_ref(), self.store.as_ref()),
             slot,
         );
-        let sent_as_delta = match base {
-            Some((r, base)) => {
-                r.put(&mut self.raw);
-                self.raw.extend_from_slice(&check_of(&d));
-                let changed = xor_into(data, &base, &mut self.raw);
-                changed <= DELTA_MAX_CHANGED
-            }
-            None => false,
-        };
-        if sent_as_delta {
+        let delta = base.and_then(|(r, base)| {
+            r.put(&mut self.raw);
+            self.raw.extend_from_slice(&check_of(&d));
+            delta_into(data, &base, &mut self.raw)
+        });
+        if let Some(len) = delta {
             self.stats.delta_pages += 1;
+            // Counted as the page it stands for (see `DELTA_COST`).
+            self.stats.record_bytes += DELTA_COST - (11 + REF_LEN + 8 + len) as u64;
         } else {
             self.raw.truncate(mark);
             self.stats.full_pages += 1;
@@ -432,7 +533,7 @@ fn base_of<'a>(
     cache: &'a Cache,
     slots: &HashMap<(u16, u64), Digest>,
     known: &HashMap<Digest, u32>,
-    store: Option<&crate::PageReader>,
+    (image, store): (Option<&crate::MemoryImage>, Option<&crate::PageReader>),
     slot: (u16, u64),
 ) -> Option<(Ref, std::borrow::Cow<'a, Page>)> {
     if let Some(p) = cache.get(slot) {
@@ -443,7 +544,10 @@ fn base_of<'a>(
     }
     let d = slots.get(&slot)?;
     let i = *known.get(d)?;
-    let p = store?.page(d).ok()??;
+    let p = match image.and_then(|m| m.page(d)) {
+        Some(p) => p,
+        None => store?.page(d).ok()??,
+    };
     Some((Ref::Known(i), std::borrow::Cow::Owned(*p)))
 }
 
@@ -488,6 +592,8 @@ pub struct WireDecoder {
     cache: Cache,
     known: Vec<Digest>,
     store: Option<crate::PageReader>,
+    /// Where some offered pages are found faster than in `store`.
+    image: Option<crate::MemoryImage>,
     /// Block of the last page written (QEMU's `CONTINUE` refers to it).
     last_block: Option<u16>,
     blocks: Vec<Block>,
@@ -511,6 +617,7 @@ impl WireDecoder {
             cache: Cache::default(),
             known: Vec::new(),
             store: None,
+            image: None,
             last_block: None,
             blocks: Vec::new(),
             held: Vec::new(),
@@ -526,6 +633,12 @@ impl WireDecoder {
         d.known = offered;
         d.store = Some(store);
         Ok(d)
+    }
+
+    /// Offered pages are read from `image` when it holds them, rather than
+    /// from the store.
+    pub fn bases_from(&mut self, image: crate::MemoryImage) {
+        self.image = Some(image);
     }
 
     /// Takes received bytes; appends the stream bytes they complete to
@@ -621,6 +734,29 @@ impl WireDecoder {
         self.write_page(rec, out)
     }
 
+    /// Counts a preloaded page that the receiver's QEMU holds in place
+    /// already (its memory is mapped from the checkpoint): as
+    /// [`preload_page`](Self::preload_page), without writing it.
+    pub fn preload_in_place(&mut self, block: u16, index: u64) -> Result<(), HdeError> {
+        if self.preload != Preload::Loading {
+            return Err(HdeError::Stream(
+                "a preloaded page outside a preload".into(),
+            ));
+        }
+        let bits = self
+            .held
+            .get_mut(block as usize)
+            .filter(|b| index < b.len() as u64 * 64)
+            .ok_or_else(|| {
+                HdeError::Stream(format!(
+                    "preloaded page {index} of block {block} is outside memory"
+                ))
+            })?;
+        bits[(index / 64) as usize] |= 1 << (index % 64);
+        self.record_bytes += PRELOAD_PAGE_COST;
+        Ok(())
+    }
+
     pub fn end_preload(&mut self) {
         if self.preload == Preload::Loading {
             self.preload = Preload::Done;
@@ -688,6 +824,9 @@ impl WireDecoder {
                 let d = self.known.get(i as usize).ok_or_else(|| {
                     HdeError::Stream(format!("a reference to offered page {i}, never offered"))
                 })?;
+                if let Some(p) = self.image.as_ref().and_then(|m| m.page(d)) {
+                    return Ok(p);
+                }
                 let store = self.store.as_ref().ok_or_else(|| {
                     HdeError::Stream("a reference to an offered page, none offered".into())
                 })?;
@@ -832,15 +971,21 @@ impl WireDecoder {
                         (PageData::Full(page), 11 + XOR)
                     }
                     _ => {
-                        if body.len() < XOR + PAGE_SIZE {
+                        if body.len() < XOR + 2 {
                             return Ok(None);
                         }
+                        // Whole before the base is read: an incomplete
+                        // record is looked at again when more comes.
+                        let Some(len) = apply_delta(&body[XOR..], None)? else {
+                            return Ok(None);
+                        };
                         let mut page = self.resolve(get_ref(body)?)?;
-                        for (p, x) in page.iter_mut().zip(&body[XOR..XOR + PAGE_SIZE]) {
-                            *p ^= x;
-                        }
+                        apply_delta(&body[XOR..], Some(&mut page))?;
                         let page = checked(page, &body[CHECK..XOR])?;
-                        (PageData::Full(page), 11 + XOR + PAGE_SIZE)
+                        // Counted as the page it stands for, as the sender
+                        // does.
+                        self.record_bytes += DELTA_COST - (11 + XOR + len) as u64;
+                        (PageData::Full(page), 11 + XOR + len)
                     }
                 };
                 if let PageData::Full(page) = &data {
@@ -861,7 +1006,10 @@ impl WireDecoder {
 }
 
 /// The destination's answer to a migration's prepare: the checkpoint it
-/// can preload (if any) and the pages it holds.
+/// can preload (if any) and the pages it holds. With a preload the pages
+/// are that checkpoint's ([`PageMap::distinct_pages`](crate::PageMap::distinct_pages)),
+/// which the sender has too: the list is left out (7 MB for a 1 GiB
+/// guest, a second on a 100 ms link).
 pub fn encode_offer(preload: Option<&str>, digests: &[Digest]) -> Vec<u8> {
     let id = preload.unwrap_or("");
     let mut out = Vec::with_capacity(2 + id.len() + digests.len() * 32);
@@ -878,4 +1026,63 @@ pub fn decode_offer(b: &[u8]) -> Result<(Option<String>, Vec<Digest>), HdeError>
     let id = std::str::from_utf8(id).map_err(|_| bad())?;
     let digests = crate::replica::decode_digests(&b[2 + n..])?;
     Ok(((!id.is_empty()).then(|| id.to_string()), digests))
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use super::*;
+
+    fn page(seed: u64) -> Box<Page> {
+        let mut p = Box::new([0u8; PAGE_SIZE]);
+        let mut x = seed | 1;
+        for b in p.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        p
+    }
+
+    #[test]
+    fn deltas_rebuild_the_page_and_stay_short() {
+        let base = page(1);
+        for changes in [
+            &[0usize][..],
+            &[4095],
+            &[7, 8],
+            &[100, 101, 900, 2000, 4000],
+        ] {
+            let mut new = base.clone();
+            for &i in changes {
+                new[i] ^= 0x5a;
+            }
+            let mut out = vec![9];
+            let len = delta_into(&new, &base, &mut out).expect("a small change is a delta");
+            assert_eq!(out.len(), 1 + len);
+            assert!(len <= 2 + changes.len() * (4 + 16), "{len} for {changes:?}");
+            let mut rebuilt = base.clone();
+            assert_eq!(
+                apply_delta(&out[1..], Some(&mut rebuilt)).unwrap(),
+                Some(len)
+            );
+            assert_eq!(rebuilt, new, "{changes:?}");
+            // Any cut short is incomplete, not wrong.
+            for cut in 1..len {
+                assert_eq!(apply_delta(&out[1..1 + cut], None).unwrap(), None);
+            }
+        }
+        // A page that changed all over is no delta.
+        assert_eq!(delta_into(&page(2), &base, &mut Vec::new()), None);
+    }
+
+    #[test]
+    fn malformed_deltas_are_refused() {
+        let mut p = [0u8; PAGE_SIZE];
+        // A run past the page's end.
+        let past = [0, 1, 0x0f, 0xfc, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8];
+        assert!(apply_delta(&past, Some(&mut p)).is_err());
+        // More runs than a page can have.
+        assert!(apply_delta(&[0xff, 0xff], None).is_err());
+    }
 }
