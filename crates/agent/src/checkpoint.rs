@@ -348,6 +348,10 @@ impl Manager {
             seconds: started.elapsed().as_secs_f64(),
         });
         tracing::info!(checkpoint = %id, peer = %to, objects, sent = want.len(), bytes_sent, "checkpoint replicated");
+        // A migration to that peer may follow: the bases of its deltas are
+        // this checkpoint's pages.
+        self.warm
+            .build_in_background(self.pages.clone(), id.to_string());
         Ok(info)
     }
 
@@ -362,6 +366,7 @@ impl Manager {
             return self.handle_migration_request(peer, kind, &body).await;
         }
         let pages = self.pages.clone();
+        let warm = self.warm.clone();
         let origin = peer.to_string();
         let r = match kind {
             "replica-offer" => {
@@ -377,6 +382,9 @@ impl Manager {
                     let (m, map, objects) = dwcp_hde::replica::decode_objects(&body)?;
                     let stored = pages.import_replica(&origin, m, &map, objects)?;
                     tracing::info!(checkpoint = %stored.id, from = %origin, "replica stored");
+                    // A migration of the VM here may follow: its QEMU
+                    // will map the replica's memory.
+                    warm.build_in_background(pages.clone(), stored.id.clone());
                     serde_json::to_vec(&stored).map_err(|e| HdeError::Stream(e.to_string()))
                 })
                 .await
@@ -401,9 +409,15 @@ impl Manager {
     }
 
     pub async fn delete_checkpoint(&self, id: &str) -> Result<DeleteCheckpointResult, AgentError> {
-        let pages = self.pages.clone();
+        let (pages, warm) = (self.pages.clone(), self.warm.clone());
         let ckpt = id.to_string();
-        let gc = blocking(move || pages.delete(&ckpt)).await?;
+        let gc = blocking(move || {
+            let vm = pages.manifest(&ckpt)?.vm;
+            let gc = pages.delete(&ckpt)?;
+            warm.forget(&vm, &ckpt);
+            Ok(gc)
+        })
+        .await?;
         tracing::info!(checkpoint = %id, objects = gc.objects_removed, bytes = gc.bytes_removed, "checkpoint deleted");
         Ok(DeleteCheckpointResult {
             objects_removed: gc.objects_removed,

@@ -25,6 +25,7 @@ pub mod manager;
 pub mod migrate;
 pub mod peers;
 pub mod store;
+mod warm;
 
 use std::future::Future;
 use std::net::SocketAddr;

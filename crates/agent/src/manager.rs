@@ -198,6 +198,7 @@ impl Vm {
             qemu_log: self.qemu_log(),
             incoming,
             start_paused: false,
+            memory_file: None,
         }
     }
 }
@@ -216,6 +217,8 @@ pub struct Manager {
     store: Store,
     /// Checkpoints and their pages.
     pub(crate) pages: Arc<dwcp_hde::PageStore>,
+    /// Replicas' memory laid out for QEMU to map (see `warm.rs`).
+    pub(crate) warm: Arc<crate::warm::WarmImages>,
     /// Other nodes (when this one has an identity).
     pub(crate) peers: Option<Arc<crate::peers::Peers>>,
     /// Migrations coming in, by id.
@@ -290,11 +293,13 @@ impl Manager {
             let vm = Vm::new(&cfg.data_dir, rec);
             vms.insert(vm.name.clone(), vm);
         }
+        let warm = Arc::new(crate::warm::WarmImages::new(&cfg.data_dir));
         let manager = Arc::new(Manager {
             cfg,
             node_name,
             store,
             pages: Arc::new(pages),
+            warm,
             peers,
             incoming: Default::default(),
             migrations: Default::default(),

@@ -67,6 +67,10 @@ pub struct MigrationReport {
     pub preloaded: bool,
     /// Pages not sent at all: the preloaded replica had them in place.
     pub preloaded_pages: u64,
+    /// Of the replica's pages, those the destination did not even write
+    /// into its QEMU: it mapped them from the replica's memory, laid out
+    /// when the replica came (see ARCHITECTURE.md, warm images).
+    pub mapped_pages: u64,
     /// Rounds of dirty-page sync QEMU went through.
     pub rounds: u64,
     /// QEMU's own downtime figure (taken at the source).
@@ -118,6 +122,8 @@ pub(crate) struct MigrationControl {
     /// The destination has its preload (if any) behind it: QEMU may
     /// switch over.
     destination_ready: AtomicBool,
+    /// The destination's QEMU mapped this many of the replica's pages.
+    mapped_at_destination: AtomicU64,
 }
 
 pub(crate) type Migrations = Mutex<HashMap<String, Arc<MigrationControl>>>;
@@ -190,6 +196,7 @@ impl Manager {
             done_at_destination: Default::default(),
             records_sent: Default::default(),
             destination_ready: Default::default(),
+            mapped_at_destination: Default::default(),
         });
         lock(&self.migrations).insert(name.to_string(), control.clone());
         let result = self
@@ -282,14 +289,17 @@ impl Manager {
         // Pages the destination holds already (a replicated checkpoint),
         // and whether it can preload that checkpoint into its QEMU.
         let (preload, offered) = dwcp_hde::wire::decode_offer(&answer).unwrap_or_default();
-        let known_count = offered.len() as u64;
         let known = {
-            let pages = self.pages.clone();
+            let (pages, warm) = (self.pages.clone(), self.warm.clone());
             let vm_name = name.to_string();
-            tokio::task::spawn_blocking(move || plan_known(&pages, &vm_name, preload, offered))
-                .await
-                .map_err(|e| failed(e.to_string()))?
+            let memory = spec.memory_bytes;
+            tokio::task::spawn_blocking(move || {
+                plan_known(&pages, &warm, (&vm_name, memory), preload, offered)
+            })
+            .await
+            .map_err(|e| failed(e.to_string()))?
         };
+        let known_count = known.offered.len() as u64;
         tracing::info!(vm = %name, %to, %id, "migration prepared at the destination");
 
         let abort_remote = |why: &str| {
@@ -380,6 +390,7 @@ impl Manager {
                     delta_pages: stats.delta_pages,
                     preloaded,
                     preloaded_pages: stats.same_pages,
+                    mapped_pages: control.mapped_at_destination.load(Ordering::Relaxed),
                     pages_known_at_destination: known_count,
                     rounds,
                     qemu_downtime_ms: downtime,
@@ -624,16 +635,17 @@ impl Manager {
                 // Offer what the store holds of this VM: those pages need
                 // not travel; a checkpoint of it from this very peer can be
                 // preloaded.
-                let pages = self.pages.clone();
-                let vm = p.spec.name.clone();
+                let (pages, warm) = (self.pages.clone(), self.warm.clone());
+                let (vm, size) = (p.spec.name.clone(), p.spec.memory_bytes);
                 let from = peer.to_string();
-                let offer = tokio::task::spawn_blocking(move || offer_of(&pages, &vm, &from))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let answer = dwcp_hde::wire::encode_offer(
-                    offer.preload.as_ref().map(|(theirs, _)| theirs.as_str()),
-                    &offer.digests,
-                );
+                let offer =
+                    tokio::task::spawn_blocking(move || offer_of(&pages, &warm, &vm, size, &from))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                let answer = match &offer.preload {
+                    Some((theirs, _)) => dwcp_hde::wire::encode_offer(Some(theirs), &[]),
+                    None => dwcp_hde::wire::encode_offer(None, &offer.digests),
+                };
                 self.prepare_incoming(peer, p, offer)
                     .await
                     .map_err(|e| crate::format_chain(&e))?;
@@ -653,6 +665,9 @@ impl Manager {
                     c.done_at_destination.fetch_max(done, Ordering::Relaxed);
                     if v["ready"] == true {
                         c.destination_ready.store(true, Ordering::Relaxed);
+                    }
+                    if let Some(m) = v["mapped"].as_u64() {
+                        c.mapped_at_destination.store(m, Ordering::Relaxed);
                     }
                 }
                 Ok(Vec::new())
@@ -696,6 +711,7 @@ impl Manager {
         let _ = std::fs::remove_file(&sock);
         let mut spec = vm.launch_spec(&p.spec, accel, Some(sock.clone()));
         spec.start_paused = true;
+        spec.memory_file = offer.image.clone();
         let launched = match launch(&self.qemu, &spec, self.cfg.qmp_timeout).await {
             Ok(l) => {
                 let mut c = lock(&vm.cell);
@@ -915,14 +931,17 @@ pub(crate) struct Known {
     /// The checkpoint it preloads (ours) and that checkpoint's blocks.
     preload: Option<(String, Vec<dwcp_hde::BlockInfo>)>,
     store: Arc<dwcp_hde::PageStore>,
+    /// That checkpoint's memory laid out here (delta bases).
+    image: Option<dwcp_hde::MemoryImage>,
 }
 
 /// Plans what the destination holds from its offer: with a preload, the
-/// slots of that checkpoint (ours); else those of our newest checkpoint of
-/// the VM whose pages it has.
+/// slots and pages of that checkpoint (ours; the offer leaves the pages
+/// out); else those of our newest checkpoint of the VM whose pages it has.
 fn plan_known(
     store: &Arc<dwcp_hde::PageStore>,
-    vm: &str,
+    warm: &crate::warm::WarmImages,
+    (vm, memory_bytes): (&str, u64),
     preload: Option<String>,
     offered: Vec<dwcp_hde::Digest>,
 ) -> Known {
@@ -937,11 +956,14 @@ fn plan_known(
         slots: Vec::new(),
         preload: None,
         store: store.clone(),
+        image: None,
     };
     if let Some(id) = preload {
         match store.page_map(&id) {
             Ok((m, map)) if m.vm == vm => {
                 known.slots = slots_of(&map, &|_| true);
+                known.offered = map.distinct_pages();
+                known.image = warm.open(store, vm, &id, memory_bytes);
                 known.preload = Some((id, m.blocks));
                 return known;
             }
@@ -964,20 +986,37 @@ pub(crate) struct Offer {
     digests: Vec<dwcp_hde::Digest>,
     /// A checkpoint of the VM replicated from `peer`: its id there, and here.
     preload: Option<(String, String)>,
+    /// That checkpoint's main memory as a file, when it is laid out: QEMU
+    /// maps it, and only the other blocks are preloaded.
+    image: Option<std::path::PathBuf>,
 }
 
-fn offer_of(store: &dwcp_hde::PageStore, vm: &str, peer: &str) -> Offer {
+fn offer_of(
+    store: &dwcp_hde::PageStore,
+    warm: &crate::warm::WarmImages,
+    vm: &str,
+    memory_bytes: u64,
+    peer: &str,
+) -> Offer {
     let Ok(Some((m, digests))) = store.latest_pages_of(vm) else {
         return Offer {
             digests: Vec::new(),
             preload: None,
+            image: None,
         };
     };
     let preload = match (&m.origin, m.id.strip_prefix(&format!("{peer}:"))) {
         (Some(o), Some(theirs)) if o == peer => Some((theirs.to_string(), m.id.clone())),
         _ => None,
     };
-    Offer { digests, preload }
+    let image = preload
+        .as_ref()
+        .and_then(|(_, here)| warm.find(vm, here, memory_bytes));
+    Offer {
+        digests,
+        preload,
+        image,
+    }
 }
 
 /// Destination: waits for the source's transfer, then feeds it to QEMU
@@ -1000,22 +1039,27 @@ async fn feed_incoming(
         .and_then(|s| s.into_std())
         .and_then(|s| s.set_nonblocking(false).map(|_| s))
         .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
-    let done = Arc::new(AtomicU64::new(0));
-    let ready = Arc::new(AtomicBool::new(false));
-    let reporter = tokio::spawn(report_progress(
-        peers,
-        from.clone(),
-        id,
-        done.clone(),
-        ready.clone(),
-    ));
+    let fed = Arc::new(Fed::default());
+    let reporter = tokio::spawn(report_progress(peers, from.clone(), id, fed.clone()));
     let r = tokio::task::spawn_blocking(move || {
-        feed_qemu(inc.chunks, qemu, &pages, offer, &from, &done, &ready)
+        feed_qemu(inc.chunks, qemu, &pages, offer, &from, &fed)
     })
     .await
     .map_err(|e| e.to_string());
     reporter.abort();
     r?
+}
+
+/// How far the destination got, for its reports to the source.
+#[derive(Default)]
+struct Fed {
+    /// Record bytes written into QEMU.
+    done: AtomicU64,
+    /// Past the block list, and the preload (if one was asked for) done.
+    ready: AtomicBool,
+    /// Preloaded pages QEMU held in place (its memory mapped from the
+    /// replica's image).
+    mapped: AtomicU64,
 }
 
 /// Destination: decodes the transfer into QEMU's incoming socket, first
@@ -1027,9 +1071,9 @@ fn feed_qemu(
     store: &Arc<dwcp_hde::PageStore>,
     offer: Offer,
     from: &str,
-    done: &AtomicU64,
-    ready: &AtomicBool,
+    fed: &Fed,
 ) -> Result<u64, String> {
+    let done = &fed.done;
     let t0 = Instant::now();
     let reader = store.snapshot().map_err(|e| e.to_string())?;
     let mut dec = dwcp_hde::wire::WireDecoder::with_store(offer.digests, reader)
@@ -1078,8 +1122,11 @@ fn feed_qemu(
                         Some((theirs, local)) if *theirs == id => local.clone(),
                         _ => return Err(format!("{from} asked to preload {id}, never offered")),
                     };
-                    let n = preload(&mut dec, store, &local, &mut out, &mut write, done)?;
-                    tracing::info!(checkpoint = %local, pages = n, secs = t0.elapsed().as_secs_f64(), "replica preloaded");
+                    let image = offer.image.as_deref();
+                    let (n, m) =
+                        preload(&mut dec, store, &local, image, &mut out, &mut write, done)?;
+                    fed.mapped.store(m, Ordering::Relaxed);
+                    tracing::info!(checkpoint = %local, pages = n, mapped = m, secs = t0.elapsed().as_secs_f64(), "replica preloaded");
                     dec.feed(&[], &mut out)
                         .map_err(|e| format!("from {from}: {e}"))?;
                     write(&mut out)?;
@@ -1088,7 +1135,7 @@ fn feed_qemu(
                 if !dec.blocks().is_empty() {
                     // Past the block list, and the preload (if one was
                     // asked for) done.
-                    ready.store(true, Ordering::Relaxed);
+                    fed.ready.store(true, Ordering::Relaxed);
                 }
             }
             Chunk::Done { .. } => {
@@ -1114,18 +1161,21 @@ async fn report_progress(
     peers: Arc<crate::peers::Peers>,
     source: String,
     id: String,
-    done: Arc<AtomicU64>,
-    ready: Arc<AtomicBool>,
+    fed: Arc<Fed>,
 ) {
     let mut last = (0, false);
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = (done.load(Ordering::Relaxed), ready.load(Ordering::Relaxed));
+        let now = (
+            fed.done.load(Ordering::Relaxed),
+            fed.ready.load(Ordering::Relaxed),
+        );
         if now == last {
             continue;
         }
         last = now;
-        let body = json!({ "id": id, "done": now.0, "ready": now.1 })
+        let mapped = fed.mapped.load(Ordering::Relaxed);
+        let body = json!({ "id": id, "done": now.0, "ready": now.1, "mapped": mapped })
             .to_string()
             .into_bytes();
         let (peers, source) = (peers.clone(), source.clone());
@@ -1138,15 +1188,20 @@ async fn report_progress(
 }
 
 /// Writes checkpoint `id`'s pages into the stream (see
-/// [`WireDecoder::take_preload`](dwcp_hde::wire::WireDecoder::take_preload)).
+/// [`WireDecoder::take_preload`](dwcp_hde::wire::WireDecoder::take_preload)),
+/// but for those of the main memory when QEMU maps it from the
+/// checkpoint's `image`: those are only counted (and later read from the
+/// image as delta bases). Returns the pages preloaded, and of them those in
+/// place.
 fn preload(
     dec: &mut dwcp_hde::wire::WireDecoder,
     store: &dwcp_hde::PageStore,
     id: &str,
+    image: Option<&std::path::Path>,
     out: &mut Vec<u8>,
     write: &mut dyn FnMut(&mut Vec<u8>) -> Result<(), String>,
     done: &AtomicU64,
-) -> Result<u64, String> {
+) -> Result<(u64, u64), String> {
     let (m, map) = store
         .page_map(id)
         .map_err(|e| format!("checkpoint {id}: {e}"))?;
@@ -1155,7 +1210,24 @@ fn preload(
             "checkpoint {id} has another memory layout than the VM"
         ));
     }
-    let pages: Vec<(u16, u64, dwcp_hde::Digest)> = map.nonzero_pages().collect();
+    let main = dec
+        .blocks()
+        .iter()
+        .position(|b| image.is_some() && b.name == dwcp_hypervisor::qemu::MAIN_RAM_BLOCK)
+        .map(|i| i as u16);
+    if let (Some(path), Some(block)) = (image, main) {
+        // (Gone if a newer replica replaced it meanwhile: QEMU maps it
+        // still, and the bases come from the store.)
+        match dwcp_hde::MemoryImage::open(path, &map, block) {
+            Ok(image) => dec.bases_from(image),
+            Err(e) => tracing::warn!("delta bases from the store: {e}"),
+        }
+    }
+    let (in_place, pages): (Vec<_>, Vec<_>) =
+        map.nonzero_pages().partition(|(b, _, _)| Some(*b) == main);
+    for (b, p, _) in &in_place {
+        dec.preload_in_place(*b, *p).map_err(|e| e.to_string())?;
+    }
     // Two readers (store reads, zstd, digest checks are the work), one
     // writer; pages may reach QEMU in any order.
     const BATCH: usize = 512;
@@ -1207,7 +1279,7 @@ fn preload(
         }
         dec.end_preload();
         write(out)?;
-        Ok(n)
+        Ok((n + in_place.len() as u64, in_place.len() as u64))
     })
 }
 
@@ -1228,6 +1300,9 @@ fn encode_stream(
     enc.receiver_slots(known.slots);
     if let Some((id, blocks)) = known.preload {
         enc.offer_preload(&id, blocks);
+    }
+    if let Some(image) = known.image {
+        enc.bases_from(image);
     }
     let mut buf = vec![0u8; 1 << 20];
     let mut out = Vec::with_capacity(2 << 20);

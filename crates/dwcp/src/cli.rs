@@ -525,7 +525,14 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                     format_bytes(n("stream_bytes")),
                     format_bytes(n("saved_by_dedup_bytes")),
                     if r["preloaded"].as_bool() == Some(true) {
-                        format!(", {} pages preloaded from a replica", n("preloaded_pages"))
+                        format!(
+                            ", {} pages as they were in a replica{}",
+                            n("preloaded_pages"),
+                            match n("mapped_pages") {
+                                0 => String::new(),
+                                m => format!(" ({m} of its pages mapped in place)"),
+                            }
+                        )
                     } else {
                         String::new()
                     },

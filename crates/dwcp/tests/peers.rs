@@ -301,6 +301,9 @@ fn a_replica_at_the_destination_leaves_little_to_send() {
     // at all, not even as references.
     assert_eq!(r["preloaded"], true, "{r}");
     assert!(r["preloaded_pages"].as_u64().expect("same") > 7000, "{r}");
+    // Laid out when the replica came, the replica's memory was mapped
+    // by the destination's QEMU rather than written through the stream.
+    assert!(r["mapped_pages"].as_u64().expect("mapped") > 7000, "{r}");
     // Random pages do not compress: without the replica the wire would
     // carry about the whole stream.
     assert!(

@@ -113,7 +113,17 @@ pub struct LaunchSpec {
     pub incoming: Option<PathBuf>,
     /// Do not start the guest's CPUs (`-S`); `cont` starts them.
     pub start_paused: bool,
+    /// Map the main memory ([`MAIN_RAM_BLOCK`]) privately from this file
+    /// (as long as the memory; holes read as zeros): the guest starts out
+    /// with the file's contents, and its writes never reach the file. An
+    /// incoming migration then need not carry the pages the file holds.
+    pub memory_file: Option<PathBuf>,
 }
+
+/// The name of the q35 machine's main memory in the migration stream. A
+/// memory backend given this id keeps that name, so a VM whose memory is
+/// mapped from a file migrates to and from one started with plain `-m`.
+pub const MAIN_RAM_BLOCK: &str = "pc.ram";
 
 impl LaunchSpec {
     /// The QEMU arguments (without the binary).
@@ -122,7 +132,10 @@ impl LaunchSpec {
             "-name".into(),
             format!("{},process=dwcp-{}", self.name, self.name),
             "-machine".into(),
-            "q35".into(),
+            match self.memory_file {
+                Some(_) => format!("q35,memory-backend={MAIN_RAM_BLOCK}"),
+                None => "q35".into(),
+            },
             "-accel".into(),
             self.accel.as_str().into(),
             "-cpu".into(),
@@ -157,6 +170,14 @@ impl LaunchSpec {
             a.push("-append".into());
             a.push(ap.clone());
         }
+        if let Some(f) = &self.memory_file {
+            a.push("-object".into());
+            a.push(format!(
+                "memory-backend-file,id={MAIN_RAM_BLOCK},size={}M,mem-path={},share=off",
+                self.memory_bytes >> 20,
+                escape(f)
+            ));
+        }
         if self.start_paused {
             a.push("-S".into());
         }
@@ -166,13 +187,15 @@ impl LaunchSpec {
         }
         if let Some(d) = &self.disk {
             a.push("-drive".into());
-            a.push(format!(
-                "file={},if=virtio,format=qcow2",
-                d.display().to_string().replace(',', ",,")
-            ));
+            a.push(format!("file={},if=virtio,format=qcow2", escape(d)));
         }
         a
     }
+}
+
+/// A path as a value in QEMU's `key=value,...` options (commas doubled).
+fn escape(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
 }
 
 /// A QEMU process this agent started (it can also be found again later by
@@ -365,6 +388,7 @@ mod tests {
             qemu_log: "/run/q.log".into(),
             incoming: Some("/run/in.sock".into()),
             start_paused: true,
+            memory_file: Some("/w,1.ram".into()),
         };
         let a = spec.args().join(" ");
         for want in [
@@ -379,6 +403,8 @@ mod tests {
             "file,id=console0,path=/run/c.log",
             "-incoming unix:/run/in.sock",
             "-S",
+            "-machine q35,memory-backend=pc.ram",
+            "memory-backend-file,id=pc.ram,size=256M,mem-path=/w,,1.ram,share=off",
         ] {
             assert!(a.contains(want), "{want:?} missing from {a}");
         }
