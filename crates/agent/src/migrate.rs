@@ -515,12 +515,27 @@ impl Manager {
         let mut cancel = control.cancel.subscribe();
         let watch = async {
             let t0 = Instant::now();
+            let mut pace = Pace::default();
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
+                let done = control.done_at_destination.load(Ordering::Relaxed);
                 let behind = control
                     .records_sent
                     .load(Ordering::Relaxed)
-                    .saturating_sub(control.done_at_destination.load(Ordering::Relaxed));
+                    .saturating_sub(done);
+                if !hold && control.destination_ready.load(Ordering::Relaxed) {
+                    // QEMU switches over when what is dirty would take less
+                    // than the downtime limit at the switch-over bandwidth:
+                    // the whole path's, not what QEMU measures (pages the
+                    // destination holds go by at GB/s, and with a replica
+                    // its estimate gave 1 s pauses).
+                    if let Some(bps) = pace.update(done) {
+                        let p = json!({ "avail-switchover-bandwidth": bps });
+                        if qmp.execute("migrate-set-parameters", Some(p)).await.is_ok() {
+                            tracing::debug!(bps, "switch-over bandwidth");
+                        }
+                    }
+                }
                 if hold && control.destination_ready.load(Ordering::Relaxed) && behind <= backlog {
                     let p = json!({
                         "avail-switchover-bandwidth": 0,
@@ -908,6 +923,41 @@ const HOLD_SWITCHOVER_BPS: u64 = 8192;
 /// the preload's pages counted): the first round starts when about this
 /// much of the preload is left.
 const HOLD_BACKLOG: u64 = 128 << 20;
+
+/// The rate at which the destination gets through the stream (record
+/// bytes, which count a page sent as a reference or a delta as a page): the
+/// best over windows of a second, once it is ready.
+#[derive(Default)]
+struct Pace {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+    best: f64,
+    /// The rate last handed to QEMU.
+    told: u64,
+}
+
+impl Pace {
+    /// Takes the destination's progress now; a new rate for QEMU when the
+    /// best changed by a fifth or more.
+    fn update(&mut self, done: u64) -> Option<u64> {
+        let now = Instant::now();
+        self.samples.push_back((now, done));
+        while self.samples.len() > 2 && now - self.samples[1].0 >= Duration::from_secs(1) {
+            self.samples.pop_front();
+        }
+        let (t, d) = *self.samples.front()?;
+        let secs = (now - t).as_secs_f64();
+        if secs < 0.9 {
+            return None;
+        }
+        self.best = self.best.max(done.saturating_sub(d) as f64 / secs);
+        let best = self.best as u64;
+        let changed = best.abs_diff(self.told) * 5 > self.told;
+        (best > 0 && changed).then(|| {
+            self.told = best;
+            best
+        })
+    }
+}
 
 /// What the source's side of a migration did.
 struct Sent {

@@ -73,8 +73,9 @@ const WINDOW_LOG: u32 = 23;
 const DELTA_MAX: usize = PAGE_SIZE / 2;
 /// Runs in a delta, at most (runs of 8-byte words with gaps between).
 const DELTA_MAX_RUNS: usize = PAGE_SIZE / 16;
-/// What a delta counts for in [`WireStats::record_bytes`], however short
-/// its runs: the receiver's work is a page's (a base read, a page written).
+/// What a delta or a reference counts for in [`WireStats::record_bytes`],
+/// however short: the receiver's work is a page's (a base read, a page
+/// written).
 const DELTA_COST: u64 = 11 + REF_LEN as u64 + 8 + PAGE_SIZE as u64;
 /// What a preloaded page counts for in [`WireStats::record_bytes`].
 const PRELOAD_PAGE_COST: u64 = 11 + PAGE_SIZE as u64;
@@ -415,6 +416,7 @@ impl WireEncoder {
             self.head(&p, TAG_REF);
             r.put(&mut self.raw);
             self.raw.extend_from_slice(&check_of(&d));
+            self.stats.record_bytes += DELTA_COST - (11 + REF_LEN + 8) as u64;
             self.keep(slot, d, data);
             return Ok(());
         }
@@ -968,6 +970,7 @@ impl WireDecoder {
                             return Ok(None);
                         }
                         let page = checked(self.resolve(get_ref(body)?)?, &body[CHECK..XOR])?;
+                        self.record_bytes += DELTA_COST - (11 + XOR) as u64;
                         (PageData::Full(page), 11 + XOR)
                     }
                     _ => {
