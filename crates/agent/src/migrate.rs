@@ -529,7 +529,7 @@ impl Manager {
                     // the whole path's, not what QEMU measures (pages the
                     // destination holds go by at GB/s, and with a replica
                     // its estimate gave 1 s pauses).
-                    if let Some(bps) = pace.update(done) {
+                    if let Some(bps) = pace.update(Instant::now(), done) {
                         let p = json!({ "avail-switchover-bandwidth": bps });
                         if qmp.execute("migrate-set-parameters", Some(p)).await.is_ok() {
                             tracing::debug!(bps, "switch-over bandwidth");
@@ -936,10 +936,9 @@ struct Pace {
 }
 
 impl Pace {
-    /// Takes the destination's progress now; a new rate for QEMU when the
-    /// best changed by a fifth or more.
-    fn update(&mut self, done: u64) -> Option<u64> {
-        let now = Instant::now();
+    /// Takes the destination's progress at `now`; a new rate for QEMU
+    /// when the best changed by a fifth or more.
+    fn update(&mut self, now: Instant, done: u64) -> Option<u64> {
         self.samples.push_back((now, done));
         while self.samples.len() > 2 && now - self.samples[1].0 >= Duration::from_secs(1) {
             self.samples.pop_front();
@@ -1487,5 +1486,33 @@ impl AsyncRead for ChanReader {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_is_the_best_second_and_is_told_when_it_moves() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut p = Pace::default();
+        // Less than a second of samples: nothing to tell yet.
+        assert_eq!(p.update(at(0), 0), None);
+        assert_eq!(p.update(at(500), 50 << 20), None);
+        // 100 MiB in the first second.
+        assert_eq!(p.update(at(1000), 100 << 20), Some(100 << 20));
+        // Slower seconds after it do not lower the best.
+        assert_eq!(p.update(at(1500), 110 << 20), None);
+        assert_eq!(p.update(at(2000), 120 << 20), None);
+        // 10 % faster than told: not worth a word to QEMU.
+        assert_eq!(p.update(at(2500), 170 << 20), None);
+        assert_eq!(p.update(at(3000), 230 << 20), None);
+        // Half again as fast (150 MiB from 2.5 s to 3.5 s): told.
+        let r = p
+            .update(at(3500), 320 << 20)
+            .expect("a faster second is told");
+        assert_eq!(r, 150 << 20);
     }
 }
