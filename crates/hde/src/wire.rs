@@ -721,18 +721,13 @@ impl WireDecoder {
         page: Box<Page>,
         out: &mut Vec<u8>,
     ) -> Result<(), HdeError> {
-        if self.preload != Preload::Loading {
-            return Err(HdeError::Stream(
-                "a preloaded page outside a preload".into(),
-            ));
-        }
+        self.count_preloaded()?;
         let rec = PageRecord {
             block,
             offset: index * PAGE_SIZE as u64,
             named: true,
             data: PageData::Full(page),
         };
-        self.record_bytes += PRELOAD_PAGE_COST;
         self.write_page(rec, out)
     }
 
@@ -740,22 +735,31 @@ impl WireDecoder {
     /// already (its memory is mapped from the checkpoint): as
     /// [`preload_page`](Self::preload_page), without writing it.
     pub fn preload_in_place(&mut self, block: u16, index: u64) -> Result<(), HdeError> {
+        self.count_preloaded()?;
+        self.hold(block, index)
+            .map_err(|w| HdeError::Stream(format!("preloaded {w}")))
+    }
+
+    /// Counts a page of the preload in; refused outside one.
+    fn count_preloaded(&mut self) -> Result<(), HdeError> {
         if self.preload != Preload::Loading {
             return Err(HdeError::Stream(
                 "a preloaded page outside a preload".into(),
             ));
         }
+        self.record_bytes += PRELOAD_PAGE_COST;
+        Ok(())
+    }
+
+    /// Marks page `index` of `block` as in QEMU's memory; a page outside
+    /// memory is refused.
+    fn hold(&mut self, block: u16, index: u64) -> Result<(), String> {
         let bits = self
             .held
             .get_mut(block as usize)
             .filter(|b| index < b.len() as u64 * 64)
-            .ok_or_else(|| {
-                HdeError::Stream(format!(
-                    "preloaded page {index} of block {block} is outside memory"
-                ))
-            })?;
+            .ok_or_else(|| format!("page {index} of block {block} is outside memory"))?;
         bits[(index / 64) as usize] |= 1 << (index % 64);
-        self.record_bytes += PRELOAD_PAGE_COST;
         Ok(())
     }
 
@@ -791,19 +795,8 @@ impl WireDecoder {
     }
 
     fn write_page(&mut self, mut rec: PageRecord, out: &mut Vec<u8>) -> Result<(), HdeError> {
-        let bad = |w: String| HdeError::Stream(format!("malformed migration record: {w}"));
-        let index = rec.offset / PAGE_SIZE as u64;
-        let bits = self
-            .held
-            .get_mut(rec.block as usize)
-            .filter(|b| index < b.len() as u64 * 64)
-            .ok_or_else(|| {
-                bad(format!(
-                    "page {index} of block {} is outside memory",
-                    rec.block
-                ))
-            })?;
-        bits[(index / 64) as usize] |= 1 << (index % 64);
+        self.hold(rec.block, rec.offset / PAGE_SIZE as u64)
+            .map_err(|w| HdeError::Stream(format!("malformed migration record: {w}")))?;
         rec.named |= self.last_block != Some(rec.block);
         self.last_block = Some(rec.block);
         self.writer
