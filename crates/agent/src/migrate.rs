@@ -1012,7 +1012,7 @@ fn plan_known(
             Ok((m, map)) if m.vm == vm => {
                 known.slots = slots_of(&map, &|_| true);
                 known.offered = map.distinct_pages();
-                known.image = warm.open(store, vm, &id, memory_bytes);
+                known.image = warm.open(&m, &map, memory_bytes);
                 known.preload = Some((id, m.blocks));
                 return known;
             }
@@ -1259,11 +1259,8 @@ fn preload(
             "checkpoint {id} has another memory layout than the VM"
         ));
     }
-    let main = dec
-        .blocks()
-        .iter()
-        .position(|b| image.is_some() && b.name == dwcp_hypervisor::qemu::MAIN_RAM_BLOCK)
-        .map(|i| i as u16);
+    // (The checkpoint's blocks are the stream's, checked above.)
+    let main = image.and(crate::warm::main_block(&m.blocks));
     if let (Some(path), Some(block)) = (image, main) {
         // (Gone if a newer replica replaced it meanwhile: QEMU maps it
         // still, and the bases come from the store.)

@@ -52,17 +52,14 @@ impl WarmImages {
     pub(crate) fn build(&self, store: &PageStore, id: &str) -> Result<(PathBuf, u64), String> {
         let _one = self.building.lock().unwrap_or_else(|p| p.into_inner());
         let (m, map) = store.page_map(id).map_err(|e| e.to_string())?;
-        let block = m
-            .blocks
-            .iter()
-            .position(|b| b.name == MAIN_RAM_BLOCK)
+        let block = main_block(&m.blocks)
             .ok_or_else(|| format!("checkpoint {id} has no block {MAIN_RAM_BLOCK}"))?;
         let path = self.file(&m.vm, id);
         let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let tmp = path.with_extension("tmp");
-        let length = m.blocks[block].length_bytes;
-        let written = dwcp_hde::write_image(store, &map, block as u16, length, &tmp)
+        let length = m.blocks[block as usize].length_bytes;
+        let written = dwcp_hde::write_image(store, &map, block, length, &tmp)
             .map_err(|e| e.to_string())
             .and_then(|n| {
                 std::fs::rename(&tmp, &path)
@@ -80,20 +77,17 @@ impl WarmImages {
         Ok((path, pages))
     }
 
-    /// The image of checkpoint `id` of `vm` opened to read pages from,
-    /// when a whole one of `size` bytes is here.
+    /// The image of checkpoint `m` (page map `map`) opened to read pages
+    /// from, when a whole one of `size` bytes is here.
     pub(crate) fn open(
         &self,
-        store: &PageStore,
-        vm: &str,
-        id: &str,
+        m: &dwcp_hde::Manifest,
+        map: &dwcp_hde::PageMap,
         size: u64,
     ) -> Option<dwcp_hde::MemoryImage> {
-        let path = self.find(vm, id, size)?;
-        let (m, map) = store.page_map(id).ok()?;
-        let block = m.blocks.iter().position(|b| b.name == MAIN_RAM_BLOCK)?;
-        dwcp_hde::MemoryImage::open(&path, &map, block as u16)
-            .inspect_err(|e| tracing::warn!(checkpoint = id, "{e}"))
+        let path = self.find(&m.vm, &m.id, size)?;
+        dwcp_hde::MemoryImage::open(&path, map, main_block(&m.blocks)?)
+            .inspect_err(|e| tracing::warn!(checkpoint = %m.id, "{e}"))
             .ok()
     }
 
@@ -118,4 +112,13 @@ impl WarmImages {
     pub(crate) fn forget(&self, vm: &str, id: &str) {
         let _ = std::fs::remove_file(self.file(vm, id));
     }
+}
+
+/// The index of the main memory among a checkpoint's blocks: the block an
+/// image holds.
+pub(crate) fn main_block(blocks: &[dwcp_hde::BlockInfo]) -> Option<u16> {
+    blocks
+        .iter()
+        .position(|b| b.name == MAIN_RAM_BLOCK)
+        .map(|i| i as u16)
 }
