@@ -77,6 +77,12 @@ const DELTA_MAX_RUNS: usize = PAGE_SIZE / 16;
 /// however short: the receiver's work is a page's (a base read, a page
 /// written).
 const DELTA_COST: u64 = 11 + REF_LEN as u64 + 8 + PAGE_SIZE as u64;
+
+/// What a delta or reference record of `len` bytes adds to the record
+/// bytes on top of itself, on both sides: the rest of [`DELTA_COST`].
+fn as_page(len: usize) -> u64 {
+    DELTA_COST.saturating_sub(len as u64)
+}
 /// What a preloaded page counts for in [`WireStats::record_bytes`].
 const PRELOAD_PAGE_COST: u64 = 11 + PAGE_SIZE as u64;
 /// Longest run of `Same` pages in one record.
@@ -416,7 +422,7 @@ impl WireEncoder {
             self.head(&p, TAG_REF);
             r.put(&mut self.raw);
             self.raw.extend_from_slice(&check_of(&d));
-            self.stats.record_bytes += DELTA_COST - (11 + REF_LEN + 8) as u64;
+            self.stats.record_bytes += as_page(11 + REF_LEN + 8);
             self.keep(slot, d, data);
             return Ok(());
         }
@@ -438,8 +444,8 @@ impl WireEncoder {
         });
         if let Some(len) = delta {
             self.stats.delta_pages += 1;
-            // Counted as the page it stands for (see `DELTA_COST`).
-            self.stats.record_bytes += DELTA_COST - (11 + REF_LEN + 8 + len) as u64;
+            // Counted as the page it stands for.
+            self.stats.record_bytes += as_page(11 + REF_LEN + 8 + len);
         } else {
             self.raw.truncate(mark);
             self.stats.full_pages += 1;
@@ -963,7 +969,7 @@ impl WireDecoder {
                             return Ok(None);
                         }
                         let page = checked(self.resolve(get_ref(body)?)?, &body[CHECK..XOR])?;
-                        self.record_bytes += DELTA_COST - (11 + XOR) as u64;
+                        self.record_bytes += as_page(11 + XOR);
                         (PageData::Full(page), 11 + XOR)
                     }
                     _ => {
@@ -980,7 +986,7 @@ impl WireDecoder {
                         let page = checked(page, &body[CHECK..XOR])?;
                         // Counted as the page it stands for, as the sender
                         // does.
-                        self.record_bytes += DELTA_COST - (11 + XOR + len) as u64;
+                        self.record_bytes += as_page(11 + XOR + len);
                         (PageData::Full(page), 11 + XOR + len)
                     }
                 };
