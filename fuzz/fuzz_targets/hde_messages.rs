@@ -4,13 +4,15 @@
 #![no_main]
 
 use dwcp_hde::replica::{decode_digests, decode_objects, decode_offer};
-use dwcp_hde::wire::WireDecoder;
+use dwcp_hde::wire::{Offer, WireDecoder};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode_offer(data);
     let _ = decode_objects(data);
     let _ = decode_digests(data);
+    let _ = Offer::decode(data);
+    let _ = dwcp_hde::decode_index(data);
     let Some((&split, rest)) = data.split_first() else {
         return;
     };

@@ -20,6 +20,7 @@
 
 mod checkpoint;
 pub mod config;
+mod footprint;
 pub mod http;
 pub mod manager;
 pub mod migrate;

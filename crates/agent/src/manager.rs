@@ -219,6 +219,9 @@ pub struct Manager {
     pub(crate) pages: Arc<dwcp_hde::PageStore>,
     /// Replicas' memory laid out for QEMU to map (see `warm.rs`).
     pub(crate) warm: Arc<crate::warm::WarmImages>,
+    /// What the last migration with each peer left on both sides (see
+    /// `footprint.rs`).
+    pub(crate) footprints: Arc<crate::footprint::Footprints>,
     /// Other nodes (when this one has an identity).
     pub(crate) peers: Option<Arc<crate::peers::Peers>>,
     /// Migrations coming in, by id.
@@ -294,12 +297,14 @@ impl Manager {
             vms.insert(vm.name.clone(), vm);
         }
         let warm = Arc::new(crate::warm::WarmImages::new(&cfg.data_dir));
+        let data_dir = cfg.data_dir.clone();
         let manager = Arc::new(Manager {
             cfg,
             node_name,
             store,
             pages: Arc::new(pages),
             warm,
+            footprints: Arc::new(crate::footprint::Footprints::new(&data_dir)),
             peers,
             incoming: Default::default(),
             migrations: Default::default(),

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use dwcp_api::{VmSpec, VmState};
 use dwcp_hde::wire::{WireEncoder, WireStats};
+use dwcp_hypervisor::qemu::MAIN_RAM_BLOCK;
 use dwcp_hypervisor::{launch, Accel, Launched, Qmp};
 use dwcp_transport::{Chunk, Class, TransportConfig};
 use dwcp_vmstream::StreamParser;
@@ -71,6 +72,10 @@ pub struct MigrationReport {
     /// into its QEMU: it mapped them from the replica's memory, laid out
     /// when the replica came (see ARCHITECTURE.md, warm images).
     pub mapped_pages: u64,
+    /// The earlier migration between the two nodes whose footprint (the
+    /// memory both kept when it ended) the destination offered too (see
+    /// ARCHITECTURE.md, footprints).
+    pub footprint: Option<String>,
     /// Rounds of dirty-page sync QEMU went through.
     pub rounds: u64,
     /// QEMU's own downtime figure (taken at the source).
@@ -140,7 +145,9 @@ pub(crate) struct IncomingMigration {
     vm: String,
     launched: Launched,
     accel: Accel,
-    fed: tokio::task::JoinHandle<Result<u64, String>>,
+    /// The source.
+    from: String,
+    fed: tokio::task::JoinHandle<Result<Option<Held>, String>>,
 }
 
 pub(crate) type IncomingMigrations = Mutex<HashMap<String, IncomingMigration>>;
@@ -288,18 +295,29 @@ impl Manager {
         });
         // Pages the destination holds already (a replicated checkpoint),
         // and whether it can preload that checkpoint into its QEMU.
-        let (preload, offered) = dwcp_hde::wire::decode_offer(&answer).unwrap_or_default();
+        let offer = dwcp_hde::wire::Offer::decode(&answer).unwrap_or_default();
         let known = {
             let (pages, warm) = (self.pages.clone(), self.warm.clone());
-            let vm_name = name.to_string();
+            let footprints = self.footprints.clone();
+            let (vm_name, peer) = (name.to_string(), to.to_string());
             let memory = spec.memory_bytes;
             tokio::task::spawn_blocking(move || {
-                plan_known(&pages, &warm, (&vm_name, memory), preload, offered)
+                let mut known = plan_known(
+                    &pages,
+                    &warm,
+                    (&vm_name, memory),
+                    offer.preload,
+                    offer.pages,
+                );
+                if let Some((id, digest)) = offer.footprint {
+                    known.add_footprint(footprints.open(&peer, Some(&id)), digest);
+                }
+                known
             })
             .await
             .map_err(|e| failed(e.to_string()))?
         };
-        let known_count = known.offered.len() as u64;
+        let (known_count, footprint) = (known.offered.len() as u64, known.footprint.clone());
         tracing::info!(vm = %name, %to, %id, "migration prepared at the destination");
 
         let abort_remote = |why: &str| {
@@ -343,6 +361,7 @@ impl Manager {
             rounds,
             downtime,
             stop_unix_us,
+            held,
         } = match sent {
             Ok(v) => v,
             Err(detail) => {
@@ -373,6 +392,9 @@ impl Manager {
                 let guest_pause_ms = stop_unix_us
                     .map(|us| (crate::manager::now_unix_ms() * 1000).saturating_sub(us) / 1000);
                 drop(op);
+                if let Some((block, held)) = held {
+                    self.footprints.keep(to, &id, block, held);
+                }
                 // The VM runs at the destination now: end it here.
                 if let Err(e) = self.delete(name, true).await {
                     tracing::warn!(vm = %name, "migrated, but the local copy was not removed: {}", crate::format_chain(&e));
@@ -392,6 +414,7 @@ impl Manager {
                     preloaded_pages: stats.same_pages,
                     mapped_pages: control.mapped_at_destination.load(Ordering::Relaxed),
                     pages_known_at_destination: known_count,
+                    footprint,
                     rounds,
                     qemu_downtime_ms: downtime,
                     switchover_ms,
@@ -586,11 +609,16 @@ impl Manager {
             }
             Ok((stats, status))
         };
-        let (stats, status) = ended.await.inspect_err(|_| {
+        let (encoded, status) = ended.await.inspect_err(|_| {
             session.close();
             transfer.abort();
         })?;
         let rounds = status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        let Encoded {
+            stats,
+            preloaded,
+            held,
+        } = encoded;
         let confirmed = Box::pin(async move {
             let r = match transfer.await {
                 Ok(Ok(report)) => {
@@ -620,8 +648,9 @@ impl Manager {
             }
         }
         Ok(Sent {
-            stats: stats.0,
-            preloaded: stats.1,
+            stats,
+            preloaded,
+            held,
             confirmed,
             rounds,
             downtime: status["downtime"].as_u64(),
@@ -650,17 +679,28 @@ impl Manager {
                 // Offer what the store holds of this VM: those pages need
                 // not travel; a checkpoint of it from this very peer can be
                 // preloaded.
+                // And the footprint of the last migration with this peer.
                 let (pages, warm) = (self.pages.clone(), self.warm.clone());
+                let footprints = self.footprints.clone();
                 let (vm, size) = (p.spec.name.clone(), p.spec.memory_bytes);
                 let from = peer.to_string();
-                let offer =
-                    tokio::task::spawn_blocking(move || offer_of(&pages, &warm, &vm, size, &from))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                let answer = match &offer.preload {
-                    Some((theirs, _)) => dwcp_hde::wire::encode_offer(Some(theirs), &[]),
-                    None => dwcp_hde::wire::encode_offer(None, &offer.digests),
-                };
+                let offer = tokio::task::spawn_blocking(move || {
+                    let mut offer = offer_of(&pages, &warm, &vm, size, &from);
+                    offer.footprint = footprints.open(&from, None);
+                    offer
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                let answer = dwcp_hde::wire::Offer {
+                    preload: offer.preload.as_ref().map(|(theirs, _)| theirs.clone()),
+                    footprint: offer.footprint.as_ref().map(|f| (f.id.clone(), f.digest)),
+                    // With a preload the source has the pages.
+                    pages: match offer.preload {
+                        Some(_) => Vec::new(),
+                        None => offer.digests.clone(),
+                    },
+                }
+                .encode();
                 self.prepare_incoming(peer, p, offer)
                     .await
                     .map_err(|e| crate::format_chain(&e))?;
@@ -768,6 +808,7 @@ impl Manager {
                 vm: p.spec.name.clone(),
                 launched,
                 accel,
+                from: peer.to_string(),
                 fed,
             },
         );
@@ -804,6 +845,9 @@ impl Manager {
                 let vm = self.vm(&m.vm).map_err(|e| e.to_string())?;
                 self.adopt(&vm, m.launched, m.accel, false);
                 tracing::info!(vm = %m.vm, "incoming migration complete: running here");
+                if let Ok(Some((block, held))) = fed {
+                    self.footprints.keep(&m.from, id, block, held);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -968,6 +1012,20 @@ struct Sent {
     downtime: Option<u64>,
     /// When the source guest stopped (QEMU's clock, microseconds).
     stop_unix_us: Option<u64>,
+    /// What the destination holds now of the main memory (its block and
+    /// length): the migration's footprint.
+    held: Option<Held>,
+}
+
+/// Pages of the main memory both sides hold at a migration's end, with the
+/// block's index and length.
+type Held = ((u16, u64), dwcp_hde::HeldPages);
+
+/// What the encoder did.
+struct Encoded {
+    stats: WireStats,
+    preloaded: bool,
+    held: Option<Held>,
 }
 
 /// What the destination holds, as the source plans for it.
@@ -980,8 +1038,30 @@ pub(crate) struct Known {
     /// The checkpoint it preloads (ours) and that checkpoint's blocks.
     preload: Option<(String, Vec<dwcp_hde::BlockInfo>)>,
     store: Arc<dwcp_hde::PageStore>,
-    /// That checkpoint's memory laid out here (delta bases).
-    image: Option<dwcp_hde::MemoryImage>,
+    /// Where offered pages are laid out here (delta bases): that
+    /// checkpoint's memory, a footprint.
+    images: Vec<dwcp_hde::MemoryImage>,
+    /// Per page slot, an offered page at the same place in a footprint.
+    likely: Vec<((u16, u64), dwcp_hde::Digest)>,
+    /// That footprint's migration.
+    footprint: Option<String>,
+}
+
+impl Known {
+    /// The destination offered footprint `f` (its index's digest
+    /// `digest`): its pages are offered too, after the others, if it is
+    /// ours as well.
+    fn add_footprint(&mut self, f: Option<crate::footprint::Footprint>, digest: dwcp_hde::Digest) {
+        let Some(f) = f.filter(|f| f.digest == digest) else {
+            tracing::info!("the destination's footprint is not one this node holds: without it");
+            return;
+        };
+        tracing::info!(footprint = %f.id, pages = f.index.len(), "the destination holds the footprint of an earlier migration");
+        self.offered.extend(f.pages());
+        self.likely = f.index.iter().map(|&(p, d)| ((f.block, p), d)).collect();
+        self.images.push(f.image);
+        self.footprint = Some(f.id);
+    }
 }
 
 /// Plans what the destination holds from its offer: with a preload, the
@@ -1005,14 +1085,16 @@ fn plan_known(
         slots: Vec::new(),
         preload: None,
         store: store.clone(),
-        image: None,
+        images: Vec::new(),
+        likely: Vec::new(),
+        footprint: None,
     };
     if let Some(id) = preload {
         match store.page_map(&id) {
             Ok((m, map)) if m.vm == vm => {
                 known.slots = slots_of(&map, &|_| true);
                 known.offered = map.distinct_pages();
-                known.image = warm.open(&m, &map, memory_bytes);
+                known.images.extend(warm.open(&m, &map, memory_bytes));
                 known.preload = Some((id, m.blocks));
                 return known;
             }
@@ -1038,6 +1120,9 @@ pub(crate) struct Offer {
     /// That checkpoint's main memory as a file, when it is laid out: QEMU
     /// maps it, and only the other blocks are preloaded.
     image: Option<std::path::PathBuf>,
+    /// The last migration's footprint with `peer`: its pages are offered
+    /// after `digests` (if the source holds it too).
+    footprint: Option<crate::footprint::Footprint>,
 }
 
 fn offer_of(
@@ -1052,6 +1137,7 @@ fn offer_of(
             digests: Vec::new(),
             preload: None,
             image: None,
+            footprint: None,
         };
     };
     let preload = match (&m.origin, m.id.strip_prefix(&format!("{peer}:"))) {
@@ -1065,6 +1151,7 @@ fn offer_of(
         digests,
         preload,
         image,
+        footprint: None,
     }
 }
 
@@ -1078,7 +1165,7 @@ async fn feed_incoming(
     from: String,
     id: String,
     offer: Offer,
-) -> Result<u64, String> {
+) -> Result<Option<Held>, String> {
     let inc = tokio::time::timeout(Duration::from_secs(60), incoming)
         .await
         .map_err(|_| "the stream never came".to_string())?
@@ -1112,21 +1199,29 @@ struct Fed {
 }
 
 /// Destination: decodes the transfer into QEMU's incoming socket, first
-/// preloading the replica the source asked for. Returns the stream bytes
-/// written.
+/// preloading the replica the source asked for. Returns the pages both
+/// sides hold now.
 fn feed_qemu(
     mut chunks: mpsc::Receiver<Chunk>,
     mut qemu: UnixStream,
     store: &Arc<dwcp_hde::PageStore>,
-    offer: Offer,
+    mut offer: Offer,
     from: &str,
     fed: &Fed,
-) -> Result<u64, String> {
+) -> Result<Option<Held>, String> {
     let done = &fed.done;
     let t0 = Instant::now();
     let reader = store.snapshot().map_err(|e| e.to_string())?;
-    let mut dec = dwcp_hde::wire::WireDecoder::with_store(offer.digests, reader)
-        .map_err(|e| e.to_string())?;
+    let mut offered = std::mem::take(&mut offer.digests);
+    let footprint = offer.footprint.take().map(|f| {
+        offered.extend(f.pages());
+        f.image
+    });
+    let mut dec =
+        dwcp_hde::wire::WireDecoder::offering(offered, Some(reader)).map_err(|e| e.to_string())?;
+    if let Some(image) = footprint {
+        dec.bases_from(image);
+    }
     let mut out = Vec::new();
     let mut total = 0u64;
     let mut write = |out: &mut Vec<u8>| -> Result<(), String> {
@@ -1196,7 +1291,12 @@ fn feed_qemu(
                     secs = t0.elapsed().as_secs_f64(),
                     "incoming stream fed to QEMU"
                 );
-                return Ok(total);
+                let main = dec.blocks().iter().position(|b| b.name == MAIN_RAM_BLOCK);
+                let held = main.map(|i| {
+                    let block = (i as u16, dec.blocks()[i].length_bytes);
+                    (block, dec.into_held(i as u16))
+                });
+                return Ok(held);
             }
         }
     }
@@ -1337,7 +1437,7 @@ fn encode_stream(
     known: Known,
     level: i32,
     backlog: u64,
-) -> Result<(WireStats, bool), String> {
+) -> Result<Encoded, String> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     let mut parser = StreamParser::new();
@@ -1347,9 +1447,10 @@ fn encode_stream(
     if let Some((id, blocks)) = known.preload {
         enc.offer_preload(&id, blocks);
     }
-    if let Some(image) = known.image {
+    for image in known.images {
         enc.bases_from(image);
     }
+    enc.receiver_likely(known.likely);
     let mut buf = vec![0u8; 1 << 20];
     let mut out = Vec::with_capacity(2 << 20);
     let mut names: Vec<String> = Vec::new();
@@ -1440,7 +1541,20 @@ fn encode_stream(
         waiting_for_destination = destination,
         "relay done"
     );
-    Ok((enc.stats(), enc.preloading()))
+    let (stats, preloaded) = (enc.stats(), enc.preloading());
+    let main = parser
+        .blocks()
+        .iter()
+        .position(|b| b.name == MAIN_RAM_BLOCK);
+    let held = main.map(|i| {
+        let block = (i as u16, parser.blocks()[i].length_bytes);
+        (block, enc.into_held(i as u16))
+    });
+    Ok(Encoded {
+        stats,
+        preloaded,
+        held,
+    })
 }
 
 /// An `AsyncRead` over chunks from a channel.

@@ -269,6 +269,29 @@ fn live_migration_keeps_the_guest_counting() {
     let err = beta.fails(&["vm", "migrate", "web", "--to", "nobody"]);
     assert!(err.contains("no peer named"), "{err}");
     assert_eq!(beta.state("web"), "running");
+
+    // Back again: both nodes kept what the first migration left (its
+    // footprint), so the pages that did not change since are references
+    // and those that changed a little deltas against it.
+    let before = last_tick(&beta.console("web")).expect("ticks");
+    let back: Value =
+        serde_json::from_str(&beta.ok(&["vm", "migrate", "web", "--to", "alpha", "--json"]))
+            .expect("json");
+    eprintln!("migration back: {back}");
+    assert!(r["footprint"].is_null(), "{r}");
+    let n = |v: &Value, k: &str| v[k].as_u64().expect(k);
+    assert!(back["footprint"].is_string(), "{back}");
+    assert!(
+        n(&back, "ref_pages") + n(&back, "delta_pages") > 4000,
+        "{back}"
+    );
+    assert!(
+        n(&back, "wire_bytes") * 2 < n(&r, "wire_bytes"),
+        "back {back}, there {r}"
+    );
+    assert_eq!(alpha.state("web"), "running");
+    let t = alpha.wait_tick("web", before, Duration::from_secs(60));
+    alpha.wait_tick("web", t + 2, Duration::from_secs(60));
 }
 
 #[test]

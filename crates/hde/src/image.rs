@@ -62,8 +62,9 @@ pub fn write_image(
     Ok(pages)
 }
 
-/// Pages of an image written by [`write_image`], found by digest. What it
-/// returns is not checked here: a migration checks every page it rebuilds.
+/// Pages of an image written by [`write_image`] or [`HeldPages::write`],
+/// found by digest. What it returns is not checked here: a migration
+/// checks every page it rebuilds.
 pub struct MemoryImage {
     file: std::fs::File,
     at: std::collections::HashMap<Digest, u64, foldhash::fast::RandomState>,
@@ -72,13 +73,25 @@ pub struct MemoryImage {
 impl MemoryImage {
     /// Opens the image at `path` of block `block` of checkpoint `map`.
     pub fn open(path: &Path, map: &PageMap, block: u16) -> Result<MemoryImage, HdeError> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| HdeError::Stream(format!("{}: {e}", path.display())))?;
-        let at = map
+        let pages = map
             .nonzero_pages()
             .filter(|(b, _, _)| *b == block)
-            .map(|(_, p, d)| (d, p * PAGE_SIZE as u64))
-            .collect();
+            .map(|(_, p, d)| (p, d));
+        MemoryImage::with_pages(path, pages)
+    }
+
+    /// Opens the image at `path` that holds the pages of `index`.
+    pub fn from_index(path: &Path, index: &[(u64, Digest)]) -> Result<MemoryImage, HdeError> {
+        MemoryImage::with_pages(path, index.iter().copied())
+    }
+
+    fn with_pages(
+        path: &Path,
+        pages: impl Iterator<Item = (u64, Digest)>,
+    ) -> Result<MemoryImage, HdeError> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| HdeError::Stream(format!("{}: {e}", path.display())))?;
+        let at = pages.map(|(p, d)| (d, p * PAGE_SIZE as u64)).collect();
         Ok(MemoryImage { file, at })
     }
 
@@ -88,5 +101,138 @@ impl MemoryImage {
         let mut page = Box::new([0u8; PAGE_SIZE]);
         self.file.read_exact_at(&mut page[..], at).ok()?;
         Some(page)
+    }
+}
+
+/// The pages of one RAM block that both sides of a migration held when it
+/// ended (their codecs keep the same pages, see
+/// [`CACHE_PAGES`](crate::wire::CACHE_PAGES)): page index, content, and
+/// the digest where the side knows it.
+pub struct HeldPages {
+    pub(crate) pages: Vec<(u64, Box<Page>, Option<Digest>)>,
+}
+
+impl HeldPages {
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Writes the pages at their places in a new file `path` of `length`
+    /// bytes (the rest left as holes); hashes those whose digest is not
+    /// known. Returns the file's index: (page, digest), by page. The file
+    /// is not flushed to disk (the caller decides).
+    pub fn write(mut self, length: u64, path: &Path) -> Result<Vec<(u64, Digest)>, HdeError> {
+        let io = |e: std::io::Error| HdeError::Stream(format!("{}: {e}", path.display()));
+        self.pages.sort_unstable_by_key(|(p, _, _)| *p);
+        let file = std::fs::File::create(path).map_err(io)?;
+        file.set_len(length).map_err(io)?;
+        let page_size = PAGE_SIZE as u64;
+        let mut index = Vec::with_capacity(self.pages.len());
+        // Runs of adjacent pages go out in one write.
+        const RUN: usize = 256;
+        let mut run: Vec<u8> = Vec::with_capacity(RUN * PAGE_SIZE);
+        let mut run_at = 0u64;
+        for (p, page, d) in self.pages {
+            if (p + 1) * page_size > length {
+                return Err(HdeError::Stream(format!(
+                    "page {p} lies beyond the block's {length} bytes"
+                )));
+            }
+            let next = run_at + run.len() as u64 / page_size;
+            if !run.is_empty() && (p != next || run.len() == run.capacity()) {
+                file.write_all_at(&run, run_at * page_size).map_err(io)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_at = p;
+            }
+            run.extend_from_slice(&page[..]);
+            index.push((p, d.unwrap_or_else(|| Digest::of(&page[..]))));
+        }
+        if !run.is_empty() {
+            file.write_all_at(&run, run_at * page_size).map_err(io)?;
+        }
+        Ok(index)
+    }
+}
+
+/// The distinct digests of an index (see [`HeldPages::write`]), in its
+/// order: the list by which both sides of a migration number its pages.
+pub fn index_pages(index: &[(u64, Digest)]) -> Vec<Digest> {
+    let mut seen = std::collections::HashSet::with_capacity(index.len());
+    index
+        .iter()
+        .map(|(_, d)| *d)
+        .filter(|d| seen.insert(*d))
+        .collect()
+}
+
+const INDEX_ENTRY: usize = 8 + 32;
+
+/// An index as bytes: per page, be64 page index and its digest.
+pub fn encode_index(index: &[(u64, Digest)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(index.len() * INDEX_ENTRY);
+    for (p, d) in index {
+        out.extend_from_slice(&p.to_be_bytes());
+        out.extend_from_slice(&d.0);
+    }
+    out
+}
+
+pub fn decode_index(b: &[u8]) -> Result<Vec<(u64, Digest)>, HdeError> {
+    if !b.len().is_multiple_of(INDEX_ENTRY) {
+        return Err(HdeError::Stream("a page index cut short".into()));
+    }
+    Ok(b.chunks_exact(INDEX_ENTRY)
+        .map(|e| {
+            let (p, d) = e.split_at(8);
+            let p = u64::from_be_bytes(p.try_into().unwrap_or_default());
+            (p, Digest(d.try_into().unwrap_or_default()))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_pages_are_laid_out_and_found_by_digest() {
+        let page = |b: u8| Box::new([b; PAGE_SIZE]);
+        let held = HeldPages {
+            pages: vec![
+                (5, page(5), None),
+                (1, page(1), Some(Digest::of(&[1u8; PAGE_SIZE]))),
+                (2, page(7), None),
+            ],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held.ram");
+        let index = held.write(8 * PAGE_SIZE as u64, &path).unwrap();
+        let pages: Vec<u64> = index.iter().map(|(p, _)| *p).collect();
+        assert_eq!(pages, [1, 2, 5]);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            8 * PAGE_SIZE as u64
+        );
+        let index = decode_index(&encode_index(&index)).unwrap();
+        let image = MemoryImage::from_index(&path, &index).unwrap();
+        assert_eq!(
+            image.page(&Digest::of(&[7u8; PAGE_SIZE])).unwrap()[..],
+            [7u8; PAGE_SIZE]
+        );
+        assert!(image.page(&Digest::of(&[9u8; PAGE_SIZE])).is_none());
+        assert_eq!(index_pages(&index).len(), 3);
+        assert!(decode_index(&[0u8; 39]).is_err());
+        let far = HeldPages {
+            pages: vec![(8, page(1), None)],
+        };
+        assert!(far
+            .write(8 * PAGE_SIZE as u64, &dir.path().join("far.ram"))
+            .is_err());
     }
 }

@@ -39,7 +39,7 @@ pub mod wire;
 use std::fmt;
 
 pub use checkpoint::CheckpointWriter;
-pub use image::{write_image, MemoryImage};
+pub use image::{decode_index, encode_index, index_pages, write_image, HeldPages, MemoryImage};
 pub use manifest::{same_blocks, BlockInfo, CheckpointStats, Manifest, PageMap};
 pub use replica::ReplicaOffer;
 pub use restore::RestoreStream;

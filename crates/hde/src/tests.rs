@@ -501,7 +501,7 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
     assert_eq!(st.delta_pages, 1, "{st:?}");
     assert!(st.wire_bytes < 12 * 4096, "{st:?}");
 
-    let mut dec = WireDecoder::with_store(offered.clone(), store.snapshot().unwrap()).unwrap();
+    let mut dec = WireDecoder::offering(offered.clone(), store.snapshot().ok()).unwrap();
     let mut out = Vec::new();
     for chunk in wire.chunks(500) {
         dec.feed(chunk, &mut out).unwrap();
@@ -525,7 +525,7 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
 
     // A receiver whose QEMU maps the replica as its memory counts the
     // pages without writing them: QEMU ends with the same memory.
-    let mut dec = WireDecoder::with_store(offered.clone(), store.snapshot().unwrap()).unwrap();
+    let mut dec = WireDecoder::offering(offered.clone(), store.snapshot().ok()).unwrap();
     let mut mapped = Vec::new();
     for chunk in wire.chunks(500) {
         dec.feed(chunk, &mut mapped).unwrap();
@@ -549,7 +549,7 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
     assert!(dec.preload_in_place(0, 1).is_err());
 
     // Without the preload, the same records are refused, not misapplied.
-    let mut dec = WireDecoder::with_store(Vec::new(), store.snapshot().unwrap()).unwrap();
+    let mut dec = WireDecoder::offering(Vec::new(), store.snapshot().ok()).unwrap();
     let mut out = Vec::new();
     let r = wire.chunks(500).try_for_each(|c| {
         dec.feed(c, &mut out)?;
@@ -561,4 +561,67 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
     });
     let e = r.unwrap_err().to_string();
     assert!(e.contains("said to be here already"), "{e}");
+}
+
+#[test]
+fn a_footprint_lets_the_next_vm_refer_to_the_last_ones_pages() {
+    use crate::wire::{WireDecoder, WireEncoder};
+    let decode = |dec: &mut WireDecoder, wire: &[u8]| {
+        let mut out = Vec::new();
+        for chunk in wire.chunks(900) {
+            dec.feed(chunk, &mut out).unwrap();
+        }
+        assert!(dec.is_idle());
+        out
+    };
+    // A first VM migrates: both sides keep what their codecs held.
+    let first = memory((0..200).map(|i| (i, i + 300)));
+    let mut enc = WireEncoder::new(3).unwrap();
+    let wire = wire_encode(&mut enc, &stream(&first, &first, &[]), 4000);
+    let mut dec = WireDecoder::new().unwrap();
+    decode(&mut dec, &wire);
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.ram"), dir.path().join("dst.ram"));
+    let length = RAM_PAGES * PAGE_SIZE as u64;
+    let (held_src, held_dst) = (enc.into_held(0), dec.into_held(0));
+    assert_eq!(held_src.len(), 200);
+    let index = held_src.write(length, &src).unwrap();
+    assert_eq!(
+        held_dst.write(length, &dst).unwrap(),
+        index,
+        "both sides agree"
+    );
+    let pages = index_pages(&index);
+
+    // A second VM from the same image: most pages the same, twenty changed
+    // a little, ten new.
+    let mut second = first.clone();
+    for i in 0..20 {
+        second.get_mut(&i).unwrap()[64..80].copy_from_slice(b"the second VM's!");
+    }
+    for i in 20..30 {
+        second.insert(i, text_page(9000 + i));
+    }
+    let s = stream(&second, &second, &[]);
+    let mut enc = WireEncoder::new(3).unwrap();
+    enc.receiver_has(&pages, None);
+    enc.receiver_likely(index.iter().map(|&(p, d)| ((0, p), d)));
+    enc.bases_from(MemoryImage::from_index(&src, &index).unwrap());
+    let wire = wire_encode(&mut enc, &s, 4000);
+    let st = enc.stats();
+    assert_eq!(st.ref_pages, 170, "{st:?}");
+    assert_eq!(st.delta_pages, 20, "{st:?}");
+    assert!(st.wire_bytes < 12 * 4096, "{st:?}");
+    let mut dec = WireDecoder::offering(pages, None).unwrap();
+    dec.bases_from(MemoryImage::from_index(&dst, &index).unwrap());
+    assert_eq!(decode(&mut dec, &wire), s, "the rebuilt stream is QEMU's");
+
+    // A receiver without the footprint refuses the records.
+    let mut dec = WireDecoder::new().unwrap();
+    let mut out = Vec::new();
+    let e = wire
+        .chunks(900)
+        .try_for_each(|c| dec.feed(c, &mut out))
+        .unwrap_err();
+    assert!(e.to_string().contains("offered"), "{e}");
 }

@@ -189,6 +189,15 @@ impl Cache {
     fn get(&self, slot: (u16, u64)) -> Option<&Page> {
         self.at.get(&slot).map(|&i| &*self.pages[i as usize])
     }
+
+    /// The pages held of `block`: page index and content.
+    fn into_block(self, block: u16) -> impl Iterator<Item = (u64, Box<Page>)> {
+        let mut pages: Vec<Option<Box<Page>>> = self.pages.into_iter().map(Some).collect();
+        self.at
+            .into_iter()
+            .filter(move |((b, _), _)| *b == block)
+            .filter_map(move |((_, p), i)| Some((p, pages.get_mut(i as usize)?.take()?)))
+    }
 }
 
 fn check_of(d: &Digest) -> [u8; 8] {
@@ -280,10 +289,14 @@ pub struct WireEncoder {
     known: HashMap<Digest, u32>,
     /// Per page slot (block, page index), the version the receiver holds.
     slots: HashMap<(u16, u64), Digest>,
+    /// Per page slot, an offered page likely like its content (the same
+    /// place in another VM's memory): a delta base when the receiver holds
+    /// no version of the slot.
+    likely: HashMap<(u16, u64), Digest>,
     /// Where contents of the receiver's offered pages are found here.
     store: Option<crate::PageReader>,
     /// Where some of them are found faster.
-    image: Option<crate::MemoryImage>,
+    images: Vec<crate::MemoryImage>,
     /// The receiver's QEMU holds `slots` already (it preloads checkpoint
     /// `.0`, whose blocks are `.1`); `None` once announced or refused.
     preload: Option<(String, Vec<crate::BlockInfo>)>,
@@ -306,8 +319,9 @@ impl WireEncoder {
             cache: Cache::default(),
             known: HashMap::default(),
             slots: HashMap::default(),
+            likely: HashMap::default(),
             store: None,
-            image: None,
+            images: Vec::new(),
             preload: None,
             preloading: false,
             run: None,
@@ -327,7 +341,24 @@ impl WireEncoder {
     /// Pages the receiver offered are read from `image` when it holds
     /// them (delta bases), rather than from the store.
     pub fn bases_from(&mut self, image: crate::MemoryImage) {
-        self.image = Some(image);
+        self.images.push(image);
+    }
+
+    /// For these page slots, offered pages likely like what the slot
+    /// holds: delta bases for slots the receiver holds no version of.
+    pub fn receiver_likely(&mut self, pages: impl IntoIterator<Item = ((u16, u64), Digest)>) {
+        self.likely.extend(pages);
+    }
+
+    /// The pages of `block` both sides hold at the end of the stream.
+    pub fn into_held(self, block: u16) -> crate::HeldPages {
+        let slots = self.slots;
+        let pages = self
+            .cache
+            .into_block(block)
+            .map(|(p, page)| (p, page, slots.get(&(block, p)).copied()))
+            .collect();
+        crate::HeldPages { pages }
     }
 
     /// The receiver holds, for these page slots (block, page index), the
@@ -432,9 +463,9 @@ impl WireEncoder {
         self.head(&p, TAG_DELTA);
         let base = base_of(
             &self.cache,
-            &self.slots,
+            (&self.slots, &self.likely),
             &self.known,
-            (self.image.as_ref(), self.store.as_ref()),
+            (&self.images, self.store.as_ref()),
             slot,
         );
         let delta = base.and_then(|(r, base)| {
@@ -536,12 +567,16 @@ impl WireEncoder {
     }
 }
 
-/// The receiver's version of a slot, as a reference and its content.
+/// Digests per page slot (block, page index).
+type Slots = HashMap<(u16, u64), Digest>;
+
+/// The receiver's version of a slot (or an offered page likely like it),
+/// as a reference and its content.
 fn base_of<'a>(
     cache: &'a Cache,
-    slots: &HashMap<(u16, u64), Digest>,
+    (slots, likely): (&Slots, &Slots),
     known: &HashMap<Digest, u32>,
-    (image, store): (Option<&crate::MemoryImage>, Option<&crate::PageReader>),
+    (images, store): (&[crate::MemoryImage], Option<&crate::PageReader>),
     slot: (u16, u64),
 ) -> Option<(Ref, std::borrow::Cow<'a, Page>)> {
     if let Some(p) = cache.get(slot) {
@@ -550,9 +585,11 @@ fn base_of<'a>(
             std::borrow::Cow::Borrowed(p),
         ));
     }
-    let d = slots.get(&slot)?;
-    let i = *known.get(d)?;
-    let p = match image.and_then(|m| m.page(d)) {
+    let (d, i) = [slots.get(&slot), likely.get(&slot)]
+        .into_iter()
+        .flatten()
+        .find_map(|d| Some((d, *known.get(d)?)))?;
+    let p = match images.iter().find_map(|m| m.page(d)) {
         Some(p) => p,
         None => store?.page(d).ok()??,
     };
@@ -601,7 +638,7 @@ pub struct WireDecoder {
     known: Vec<Digest>,
     store: Option<crate::PageReader>,
     /// Where some offered pages are found faster than in `store`.
-    image: Option<crate::MemoryImage>,
+    images: Vec<crate::MemoryImage>,
     /// Block of the last page written (QEMU's `CONTINUE` refers to it).
     last_block: Option<u16>,
     blocks: Vec<Block>,
@@ -625,7 +662,7 @@ impl WireDecoder {
             cache: Cache::default(),
             known: Vec::new(),
             store: None,
-            image: None,
+            images: Vec::new(),
             last_block: None,
             blocks: Vec::new(),
             held: Vec::new(),
@@ -635,18 +672,32 @@ impl WireDecoder {
     }
 
     /// A decoder for a receiver that offered pages `offered` (in this
-    /// order) from `store`.
-    pub fn with_store(offered: Vec<Digest>, store: crate::PageReader) -> Result<Self, HdeError> {
+    /// order), found in `store` or in images given with
+    /// [`bases_from`](Self::bases_from).
+    pub fn offering(
+        offered: Vec<Digest>,
+        store: Option<crate::PageReader>,
+    ) -> Result<Self, HdeError> {
         let mut d = WireDecoder::new()?;
         d.known = offered;
-        d.store = Some(store);
+        d.store = store;
         Ok(d)
     }
 
     /// Offered pages are read from `image` when it holds them, rather than
     /// from the store.
     pub fn bases_from(&mut self, image: crate::MemoryImage) {
-        self.image = Some(image);
+        self.images.push(image);
+    }
+
+    /// The pages of `block` both sides hold at the end of the stream.
+    pub fn into_held(self, block: u16) -> crate::HeldPages {
+        let pages = self
+            .cache
+            .into_block(block)
+            .map(|(p, page)| (p, page, None))
+            .collect();
+        crate::HeldPages { pages }
     }
 
     /// Takes received bytes; appends the stream bytes they complete to
@@ -825,7 +876,7 @@ impl WireDecoder {
                 let d = self.known.get(i as usize).ok_or_else(|| {
                     HdeError::Stream(format!("a reference to offered page {i}, never offered"))
                 })?;
-                if let Some(p) = self.image.as_ref().and_then(|m| m.page(d)) {
+                if let Some(p) = self.images.iter().find_map(|m| m.page(d)) {
                     return Ok(p);
                 }
                 let store = self.store.as_ref().ok_or_else(|| {
@@ -1007,27 +1058,67 @@ impl WireDecoder {
     }
 }
 
-/// The destination's answer to a migration's prepare: the checkpoint it
-/// can preload (if any) and the pages it holds. With a preload the pages
-/// are that checkpoint's ([`PageMap::distinct_pages`](crate::PageMap::distinct_pages)),
-/// which the sender has too: the list is left out (7 MB for a 1 GiB
-/// guest, a second on a 100 ms link).
-pub fn encode_offer(preload: Option<&str>, digests: &[Digest]) -> Vec<u8> {
-    let id = preload.unwrap_or("");
-    let mut out = Vec::with_capacity(2 + id.len() + digests.len() * 32);
-    out.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    out.extend_from_slice(id.as_bytes());
-    out.extend(digests.iter().flat_map(|d| d.0));
-    out
+/// The destination's answer to a migration's prepare.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Offer {
+    /// A checkpoint of the VM (the sender's id) it can preload. Its pages
+    /// ([`PageMap::distinct_pages`](crate::PageMap::distinct_pages)), which
+    /// the sender has too, are then left out of `pages` (7 MB for a 1 GiB
+    /// guest, a second on a 100 ms link).
+    pub preload: Option<String>,
+    /// The footprint of an earlier migration between the two nodes it
+    /// holds (see [`HeldPages`](crate::HeldPages)): its id and the digest
+    /// of its index. Its pages ([`index_pages`](crate::index_pages)) are
+    /// offered after `pages` if the sender holds the same footprint.
+    pub footprint: Option<(String, Digest)>,
+    pub pages: Vec<Digest>,
 }
 
-pub fn decode_offer(b: &[u8]) -> Result<(Option<String>, Vec<Digest>), HdeError> {
-    let bad = || HdeError::Stream("malformed migration offer".into());
-    let n = u16::from_be_bytes([*b.first().ok_or_else(bad)?, *b.get(1).ok_or_else(bad)?]) as usize;
-    let id = b.get(2..2 + n).ok_or_else(bad)?;
-    let id = std::str::from_utf8(id).map_err(|_| bad())?;
-    let digests = crate::replica::decode_digests(&b[2 + n..])?;
-    Ok(((!id.is_empty()).then(|| id.to_string()), digests))
+impl Offer {
+    /// Layout: be16 length and the preload id (empty: none), be16 length
+    /// and the footprint id (empty: none) then its 32-byte index digest,
+    /// then the pages.
+    pub fn encode(&self) -> Vec<u8> {
+        let id = self.preload.as_deref().unwrap_or("");
+        let mut out = Vec::with_capacity(70 + id.len() + self.pages.len() * 32);
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(id.as_bytes());
+        match &self.footprint {
+            Some((fid, d)) => {
+                out.extend_from_slice(&(fid.len() as u16).to_be_bytes());
+                out.extend_from_slice(fid.as_bytes());
+                out.extend_from_slice(&d.0);
+            }
+            None => out.extend_from_slice(&[0, 0]),
+        }
+        out.extend(self.pages.iter().flat_map(|d| d.0));
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Offer, HdeError> {
+        let bad = || HdeError::Stream("malformed migration offer".into());
+        let string = |b: &[u8]| -> Result<(String, usize), HdeError> {
+            let n = u16::from_be_bytes(b.get(..2).ok_or_else(bad)?.try_into().map_err(|_| bad())?)
+                as usize;
+            let s = std::str::from_utf8(b.get(2..2 + n).ok_or_else(bad)?).map_err(|_| bad())?;
+            Ok((s.to_string(), 2 + n))
+        };
+        let (preload, mut at) = string(b)?;
+        let (footprint, n) = string(&b[at..])?;
+        at += n;
+        let footprint = if footprint.is_empty() {
+            None
+        } else {
+            let d = b.get(at..at + 32).ok_or_else(bad)?;
+            at += 32;
+            Some((footprint, Digest(d.try_into().map_err(|_| bad())?)))
+        };
+        Ok(Offer {
+            preload: (!preload.is_empty()).then_some(preload),
+            footprint,
+            pages: crate::replica::decode_digests(&b[at..])?,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1076,6 +1167,31 @@ mod delta_tests {
         }
         // A page that changed all over is no delta.
         assert_eq!(delta_into(&page(2), &base, &mut Vec::new()), None);
+    }
+
+    #[test]
+    fn offers_go_both_ways_and_broken_ones_are_refused() {
+        let offers = [
+            Offer::default(),
+            Offer {
+                preload: Some("a:1".into()),
+                footprint: Some(("m-7".into(), Digest::of(b"index"))),
+                pages: vec![Digest::of(b"x"), Digest::of(b"y")],
+            },
+            Offer {
+                preload: None,
+                footprint: Some(("m".into(), Digest::of(b"i"))),
+                pages: vec![],
+            },
+        ];
+        for o in offers {
+            let b = o.encode();
+            assert_eq!(Offer::decode(&b).unwrap(), o);
+            for cut in [1, 3, b.len() - 1] {
+                assert!(Offer::decode(&b[..cut]).is_err(), "{o:?} cut at {cut}");
+            }
+        }
+        assert!(Offer::decode(&[0, 1, 0xff, 0, 0]).is_err());
     }
 
     #[test]
