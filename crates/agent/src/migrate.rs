@@ -914,13 +914,15 @@ impl Plan {
             // with the guest and its own CPU is what holds it back below a
             // few hundred Mbit/s. Faster links get -1.
             level: if rate < 300e6 { 2 } else { 1 },
-            // About what the destination does in three RTTs: it counts
-            // what is on the link too, and a page sent as a delta is 4 KiB
-            // of work for a few bytes of link, so with less (1.5 RTTs) the
-            // relay of a 1 GiB guest at 100 ms waited 6 s of 17 for it
-            // while the link had room. Never far behind either: its
-            // backlog adds to the guest's pause.
-            backlog: ((rtt.as_secs_f64() * 3.0 * DESTINATION_RATE) as u64)
+            // About what the destination does in five RTTs: it counts
+            // what is on the link and in the reports' way back too, and a
+            // page sent as a delta is 4 KiB of work for a few bytes of
+            // link, so with less (1.5 RTTs) the relay of a 1 GiB guest at
+            // 100 ms waited 6 s of 17 for it while the link had room, and
+            // with three RTTs the destination still waited for the source
+            // 2 s of a 3 s migration with a replica. Never far behind
+            // either: its backlog adds to the guest's pause.
+            backlog: ((rtt.as_secs_f64() * 5.0 * DESTINATION_RATE) as u64)
                 .clamp(32 << 20, 384 << 20),
             transport: TransportConfig {
                 // The window covers what is in flight while losses are
@@ -1175,6 +1177,7 @@ async fn feed_incoming(
         .and_then(|s| s.into_std())
         .and_then(|s| s.set_nonblocking(false).map(|_| s))
         .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
+    deep_send_buffer(&qemu, 16 << 20);
     let fed = Arc::new(Fed::default());
     let reporter = tokio::spawn(report_progress(peers, from.clone(), id, fed.clone()));
     let r = tokio::task::spawn_blocking(move || {
@@ -1184,6 +1187,30 @@ async fn feed_incoming(
     .map_err(|e| e.to_string());
     reporter.abort();
     r?
+}
+
+/// Lets `bytes` wait in `sock` for its reader: QEMU reads its incoming
+/// stream 32 KiB at a time, and with the default buffer (about 200 KB) the
+/// feed and QEMU took turns (the feed waited 1.5 s of a 3 s migration for
+/// QEMU, and QEMU for the feed). Root may go past `wmem_max`.
+fn deep_send_buffer(sock: &UnixStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let size = bytes.min(i32::MAX as usize) as libc::c_int;
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt on a socket we own, with a c_int value.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
 }
 
 /// How far the destination got, for its reports to the source.
@@ -1224,9 +1251,14 @@ fn feed_qemu(
     }
     let mut out = Vec::new();
     let mut total = 0u64;
+    // Where the feed's time went, for the log: waiting for the source,
+    // for QEMU.
+    let (mut for_source, mut for_qemu) = (Duration::ZERO, Duration::ZERO);
     let mut write = |out: &mut Vec<u8>| -> Result<(), String> {
+        let t = Instant::now();
         qemu.write_all(out)
             .map_err(|e| format!("QEMU stopped taking the stream: {e}"))?;
+        for_qemu += t.elapsed();
         total += out.len() as u64;
         out.clear();
         Ok(())
@@ -1245,7 +1277,10 @@ fn feed_qemu(
     loop {
         // A source silent for `SILENCE` is gone (link cut, agent dead):
         // the transport on this side may not notice a link gone quiet.
-        let c = match rx.recv_timeout(SILENCE) {
+        let t = Instant::now();
+        let c = rx.recv_timeout(SILENCE);
+        for_source += t.elapsed();
+        let c = match c {
             Ok(c) => c,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 return Err(format!(
@@ -1289,6 +1324,8 @@ fn feed_qemu(
                 tracing::info!(
                     bytes = total,
                     secs = t0.elapsed().as_secs_f64(),
+                    waiting_for_source = for_source.as_secs_f64(),
+                    waiting_for_qemu = for_qemu.as_secs_f64(),
                     "incoming stream fed to QEMU"
                 );
                 let main = dec.blocks().iter().position(|b| b.name == MAIN_RAM_BLOCK);
@@ -1304,8 +1341,9 @@ fn feed_qemu(
 }
 
 /// Tells the source, every 50 ms, how far the destination got (record
-/// bytes written into QEMU). Reports go out without waiting for each other;
-/// the source keeps the largest.
+/// bytes written into QEMU), and at once when it becomes ready (the source
+/// holds its first round until then). Reports go out without waiting for
+/// each other; the source keeps the largest.
 async fn report_progress(
     peers: Arc<crate::peers::Peers>,
     source: String,
@@ -1313,16 +1351,18 @@ async fn report_progress(
     fed: Arc<Fed>,
 ) {
     let mut last = (0, false);
+    let mut sent_at = Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let now = (
             fed.done.load(Ordering::Relaxed),
             fed.ready.load(Ordering::Relaxed),
         );
-        if now == last {
+        let due = sent_at.elapsed() >= Duration::from_millis(20) || now.1 != last.1;
+        if now == last || !due {
             continue;
         }
-        last = now;
+        (last, sent_at) = (now, Instant::now());
         let mapped = fed.mapped.load(Ordering::Relaxed);
         let body = json!({ "id": id, "done": now.0, "ready": now.1, "mapped": mapped })
             .to_string()
@@ -1529,6 +1569,13 @@ fn encode_stream(
                 return Err("the destination reported no progress for 60 s".into());
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+        if t.elapsed() > Duration::from_millis(50) {
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                ahead = sent.saturating_sub(last.0),
+                "waited for the destination"
+            );
         }
         waited[2] += t.elapsed();
     }
