@@ -63,11 +63,12 @@ pub fn write_image(
 }
 
 /// Pages of an image written by [`write_image`] or [`HeldPages::write`],
-/// found by digest. What it returns is not checked here: a migration
-/// checks every page it rebuilds.
+/// found by digest, read from the file mapped into memory (no system call
+/// per page). What it returns is not checked here: a migration checks
+/// every page it rebuilds.
 pub struct MemoryImage {
-    file: std::fs::File,
-    at: std::collections::HashMap<Digest, u64, foldhash::fast::RandomState>,
+    map: memmap2::Mmap,
+    at: std::collections::HashMap<Digest, usize, foldhash::fast::RandomState>,
 }
 
 impl MemoryImage {
@@ -89,18 +90,28 @@ impl MemoryImage {
         path: &Path,
         pages: impl Iterator<Item = (u64, Digest)>,
     ) -> Result<MemoryImage, HdeError> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| HdeError::Stream(format!("{}: {e}", path.display())))?;
-        let at = pages.map(|(p, d)| (d, p * PAGE_SIZE as u64)).collect();
-        Ok(MemoryImage { file, at })
+        let io = |e: std::io::Error| HdeError::Stream(format!("{}: {e}", path.display()));
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: images are written whole under another name and renamed
+        // into place, never written or cut short afterwards (a newer one
+        // replaces the name, not the file), so the mapping stays valid.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let at = pages
+            .map(|(p, d)| (d, p as usize * PAGE_SIZE))
+            .filter(|(_, at)| at + PAGE_SIZE <= map.len())
+            .collect();
+        Ok(MemoryImage { map, at })
     }
 
     /// The page with digest `d`, if the image holds it.
     pub fn page(&self, d: &Digest) -> Option<Box<Page>> {
+        self.page_ref(d).map(|p| Box::new(*p))
+    }
+
+    /// The page with digest `d` in place, if the image holds it.
+    pub fn page_ref(&self, d: &Digest) -> Option<&Page> {
         let at = *self.at.get(d)?;
-        let mut page = Box::new([0u8; PAGE_SIZE]);
-        self.file.read_exact_at(&mut page[..], at).ok()?;
-        Some(page)
+        self.map.get(at..at + PAGE_SIZE)?.try_into().ok()
     }
 }
 
