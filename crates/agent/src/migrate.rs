@@ -50,6 +50,7 @@ use crate::peers::PeerError;
 pub struct MigrationReport {
     pub vm: String,
     pub to: String,
+    /// From the request until the guest runs at the destination.
     pub seconds: f64,
     /// Bytes of QEMU's own stream.
     pub stream_bytes: u64,
@@ -388,6 +389,9 @@ impl Manager {
         }
         match commit {
             Ok(_) => {
+                // The guest runs at the destination: the migration's time
+                // ends here (the local copy's removal is housekeeping).
+                let seconds = started.elapsed().as_secs_f64();
                 let switchover_ms = paused_at.elapsed().as_millis() as u64;
                 let guest_pause_ms = stop_unix_us
                     .map(|us| (crate::manager::now_unix_ms() * 1000).saturating_sub(us) / 1000);
@@ -402,7 +406,7 @@ impl Manager {
                 let report = MigrationReport {
                     vm: name.into(),
                     to: to.into(),
-                    seconds: started.elapsed().as_secs_f64(),
+                    seconds,
                     stream_bytes: stats.stream_bytes,
                     wire_bytes: stats.wire_bytes,
                     saved_by_dedup_bytes: stats.saved_by_dedup,

@@ -13,7 +13,8 @@
 //! request `rpc/req/KIND/ID` goes out on this node's session to the peer;
 //! the peer answers with a transfer `rpc/resp/ID` on its session to this
 //! node, so peers must know each other both ways. An answer starts with
-//! one byte: 0 and the body, or 1 and an error message.
+//! one byte: 0 and the body, or 1 and an error message. Small requests
+//! and answers travel as control, ahead of bulk data.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +34,20 @@ const PROBE: &str = "probe";
 
 /// Where the answer to a request goes: its body, or the peer's refusal.
 type AnswerTx = oneshot::Sender<Result<Vec<u8>, String>>;
+
+/// The class a request or answer of `len` bytes travels in: small ones
+/// (a migration's prepare, progress reports and commit, answers) as
+/// control, ahead of the data they steer (as replication, behind a
+/// migration's stream, the commit took 200 ms on a 50 ms link and the
+/// destination's reports lagged as long); bulk (replicas' pages, long
+/// page lists) as replication.
+fn class_of(len: usize) -> Class {
+    if len <= 64 << 10 {
+        Class::Control
+    } else {
+        Class::Replication
+    }
+}
 
 /// Largest request or answer body accepted.
 const MAX_RPC_BYTES: usize = 4 << 30;
@@ -216,7 +231,7 @@ impl Peers {
             let len = body.len() as u64;
             s.send(
                 &format!("rpc/req/{kind}/{id}"),
-                Class::Replication,
+                class_of(body.len()),
                 len,
                 &body[..],
                 |_| {},
@@ -304,7 +319,7 @@ impl Peers {
                 let len = msg.len() as u64;
                 s.send(
                     &format!("rpc/resp/{id}"),
-                    Class::Replication,
+                    class_of(msg.len()),
                     len,
                     &msg[..],
                     |_| {},
