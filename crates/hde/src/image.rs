@@ -22,44 +22,90 @@ pub fn write_image(
     length: u64,
     path: &Path,
 ) -> Result<u64, HdeError> {
-    let io = |e: std::io::Error| HdeError::Stream(format!("{}: {e}", path.display()));
-    let file = std::fs::File::create(path).map_err(io)?;
-    file.set_len(length).map_err(io)?;
     let reader = store.snapshot()?;
-    // Runs of adjacent pages go out in one write.
-    const RUN: usize = 256;
-    let page_size = PAGE_SIZE as u64;
-    let mut run: Vec<u8> = Vec::with_capacity(RUN * PAGE_SIZE);
-    let mut run_at = 0u64;
+    let mut out = Layout::create(path, length)?;
     let mut pages = 0u64;
     for (b, p, d) in map.nonzero_pages() {
         if b != block {
             continue;
         }
-        if (p + 1) * page_size > length {
-            return Err(HdeError::Stream(format!(
-                "page {p} lies beyond the block's {length} bytes"
-            )));
-        }
         let page = reader
             .page(&d)?
             .ok_or_else(|| HdeError::Stream(format!("page {d} is missing from the store")))?;
-        let next = run_at + run.len() as u64 / page_size;
-        if !run.is_empty() && (p != next || run.len() == run.capacity()) {
-            file.write_all_at(&run, run_at * page_size).map_err(io)?;
-            run.clear();
-        }
-        if run.is_empty() {
-            run_at = p;
-        }
-        run.extend_from_slice(&page[..]);
+        out.put(p, &page)?;
         pages += 1;
     }
-    if !run.is_empty() {
-        file.write_all_at(&run, run_at * page_size).map_err(io)?;
-    }
-    file.sync_all().map_err(io)?;
+    let file = out.finish()?;
+    file.sync_all()
+        .map_err(|e| HdeError::Stream(format!("{}: {e}", path.display())))?;
     Ok(pages)
+}
+
+/// A new file of a block's length, pages written at their places (in
+/// rising order), runs of adjacent pages in one write.
+struct Layout<'a> {
+    file: std::fs::File,
+    path: &'a Path,
+    length: u64,
+    run: Vec<u8>,
+    run_at: u64,
+}
+
+impl<'a> Layout<'a> {
+    /// Pages in one write, at most.
+    const RUN: usize = 256;
+
+    fn create(path: &'a Path, length: u64) -> Result<Layout<'a>, HdeError> {
+        let file = std::fs::File::create(path).map_err(|e| Self::io(path, e))?;
+        file.set_len(length).map_err(|e| Self::io(path, e))?;
+        Ok(Layout {
+            file,
+            path,
+            length,
+            run: Vec::with_capacity(Self::RUN * PAGE_SIZE),
+            run_at: 0,
+        })
+    }
+
+    fn io(path: &Path, e: std::io::Error) -> HdeError {
+        HdeError::Stream(format!("{}: {e}", path.display()))
+    }
+
+    /// Page `p` (after those put before it).
+    fn put(&mut self, p: u64, page: &Page) -> Result<(), HdeError> {
+        let page_size = PAGE_SIZE as u64;
+        if (p + 1) * page_size > self.length {
+            return Err(HdeError::Stream(format!(
+                "page {p} lies beyond the block's {} bytes",
+                self.length
+            )));
+        }
+        let next = self.run_at + self.run.len() as u64 / page_size;
+        if !self.run.is_empty() && (p != next || self.run.len() == self.run.capacity()) {
+            self.flush()?;
+        }
+        if self.run.is_empty() {
+            self.run_at = p;
+        }
+        self.run.extend_from_slice(&page[..]);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), HdeError> {
+        self.file
+            .write_all_at(&self.run, self.run_at * PAGE_SIZE as u64)
+            .map_err(|e| Self::io(self.path, e))?;
+        self.run.clear();
+        Ok(())
+    }
+
+    /// Writes what is left; the file, not flushed to disk.
+    fn finish(mut self) -> Result<std::fs::File, HdeError> {
+        if !self.run.is_empty() {
+            self.flush()?;
+        }
+        Ok(self.file)
+    }
 }
 
 /// Pages of an image written by [`write_image`] or [`HeldPages::write`],
@@ -137,36 +183,14 @@ impl HeldPages {
     /// known. Returns the file's index: (page, digest), by page. The file
     /// is not flushed to disk (the caller decides).
     pub fn write(mut self, length: u64, path: &Path) -> Result<Vec<(u64, Digest)>, HdeError> {
-        let io = |e: std::io::Error| HdeError::Stream(format!("{}: {e}", path.display()));
         self.pages.sort_unstable_by_key(|(p, _, _)| *p);
-        let file = std::fs::File::create(path).map_err(io)?;
-        file.set_len(length).map_err(io)?;
-        let page_size = PAGE_SIZE as u64;
+        let mut out = Layout::create(path, length)?;
         let mut index = Vec::with_capacity(self.pages.len());
-        // Runs of adjacent pages go out in one write.
-        const RUN: usize = 256;
-        let mut run: Vec<u8> = Vec::with_capacity(RUN * PAGE_SIZE);
-        let mut run_at = 0u64;
         for (p, page, d) in self.pages {
-            if (p + 1) * page_size > length {
-                return Err(HdeError::Stream(format!(
-                    "page {p} lies beyond the block's {length} bytes"
-                )));
-            }
-            let next = run_at + run.len() as u64 / page_size;
-            if !run.is_empty() && (p != next || run.len() == run.capacity()) {
-                file.write_all_at(&run, run_at * page_size).map_err(io)?;
-                run.clear();
-            }
-            if run.is_empty() {
-                run_at = p;
-            }
-            run.extend_from_slice(&page[..]);
+            out.put(p, &page)?;
             index.push((p, d.unwrap_or_else(|| Digest::of(&page[..]))));
         }
-        if !run.is_empty() {
-            file.write_all_at(&run, run_at * page_size).map_err(io)?;
-        }
+        out.finish()?;
         Ok(index)
     }
 }
