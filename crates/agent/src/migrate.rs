@@ -1181,7 +1181,14 @@ async fn feed_incoming(
         .and_then(|s| s.into_std())
         .and_then(|s| s.set_nonblocking(false).map(|_| s))
         .map_err(|e| format!("QEMU's incoming socket: {e}"))?;
-    deep_send_buffer(&qemu, 16 << 20);
+    // QEMU reads its incoming stream 32 KiB at a time: with the default
+    // buffer (about 200 KB) the feed and QEMU took turns (the feed waited
+    // 1.5 s of a 3 s migration for QEMU, and QEMU for the feed).
+    dwcp_transport::set_socket_buffer(
+        std::os::fd::AsRawFd::as_raw_fd(&qemu),
+        dwcp_transport::SocketBuffer::Send,
+        16 << 20,
+    );
     let fed = Arc::new(Fed::default());
     let reporter = tokio::spawn(report_progress(peers, from.clone(), id, fed.clone()));
     let r = tokio::task::spawn_blocking(move || {
@@ -1191,30 +1198,6 @@ async fn feed_incoming(
     .map_err(|e| e.to_string());
     reporter.abort();
     r?
-}
-
-/// Lets `bytes` wait in `sock` for its reader: QEMU reads its incoming
-/// stream 32 KiB at a time, and with the default buffer (about 200 KB) the
-/// feed and QEMU took turns (the feed waited 1.5 s of a 3 s migration for
-/// QEMU, and QEMU for the feed). Root may go past `wmem_max`.
-fn deep_send_buffer(sock: &UnixStream, bytes: usize) {
-    use std::os::fd::AsRawFd;
-    let size = bytes.min(i32::MAX as usize) as libc::c_int;
-    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
-        // SAFETY: setsockopt on a socket we own, with a c_int value.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            return;
-        }
-    }
 }
 
 /// How far the destination got, for its reports to the source.

@@ -29,8 +29,8 @@ pub mod sched;
 
 pub use identity::NodeIdentity;
 pub use net::{
-    Chunk, Incoming, Listener, Progress, Session, StreamDecision, Streams, TransferReport,
-    TransportConfig, TransportError,
+    set_socket_buffer, Chunk, Incoming, Listener, Progress, Session, SocketBuffer, StreamDecision,
+    Streams, TransferReport, TransportConfig, TransportError,
 };
 pub use sched::{Class, ClassConfig};
 

@@ -211,28 +211,42 @@ fn tune_socket(s: &TcpStream, cfg: &TransportConfig, buffer: usize) -> String {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
-    let size = buffer.min(i32::MAX as usize) as libc::c_int;
-    for (force, plain) in [
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-    ] {
-        for opt in [force, plain] {
-            // SAFETY: setsockopt with a c_int option value.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r == 0 {
-                break;
-            }
+    set_socket_buffer(fd, SocketBuffer::Send, buffer);
+    set_socket_buffer(fd, SocketBuffer::Receive, buffer);
+    chosen
+}
+
+/// One of a socket's kernel buffers.
+#[derive(Clone, Copy, Debug)]
+pub enum SocketBuffer {
+    Send,
+    Receive,
+}
+
+/// Sizes buffer `which` of socket `fd` to `bytes`: past the system's
+/// limit (`wmem_max`, `rmem_max`) where the process may (root), else as
+/// far as the limit allows.
+pub fn set_socket_buffer(fd: std::os::fd::RawFd, which: SocketBuffer, bytes: usize) {
+    let size = bytes.min(i32::MAX as usize) as libc::c_int;
+    let opts = match which {
+        SocketBuffer::Send => [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF],
+        SocketBuffer::Receive => [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF],
+    };
+    for opt in opts {
+        // SAFETY: setsockopt with a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
         }
     }
-    chosen
 }
 
 fn buffer_for(cfg: &TransportConfig, rtt: Duration) -> usize {
