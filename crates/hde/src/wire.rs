@@ -427,7 +427,9 @@ impl WireEncoder {
             }
             PageData::Full(data) => data,
         };
-        if self.preloading && self.holds(slot, data) {
+        // The page's digest, once taken.
+        let mut digest = None;
+        if self.preloading && self.holds(slot, data, &mut digest) {
             // The receiver's version is its preloaded one again.
             self.cache.forget(slot);
             self.stats.same_pages += 1;
@@ -445,7 +447,7 @@ impl WireEncoder {
             }
             return Ok(());
         }
-        let d = Digest::of(&data[..]);
+        let d = digest.unwrap_or_else(|| Digest::of(&data[..]));
         self.end_run();
         if let Some(r) = self.reference(&d) {
             self.stats.ref_pages += 1;
@@ -551,8 +553,9 @@ impl WireEncoder {
     /// its version where that is at hand here (pages of the checkpoint it
     /// preloaded are, in the image): most pages of a first round are
     /// unchanged since the checkpoint, and a comparison costs a fraction
-    /// of a digest.
-    fn holds(&self, slot: (u16, u64), data: &Page) -> bool {
+    /// of a digest. Where no version is at hand the page is hashed, and its
+    /// digest left in `digest`.
+    fn holds(&self, slot: (u16, u64), data: &Page, digest: &mut Option<Digest>) -> bool {
         let Some(held) = self.slots.get(&slot) else {
             return false;
         };
@@ -563,7 +566,7 @@ impl WireEncoder {
         };
         match version {
             Some(p) => p == data,
-            None => Digest::of(&data[..]) == *held,
+            None => *digest.insert(Digest::of(&data[..])) == *held,
         }
     }
 
