@@ -22,7 +22,7 @@
 //! starts. A page that still reads wrong fails the migration's check and
 //! the migration with it, never the guest.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ pub(crate) struct Footprints {
     dir: PathBuf,
     /// Peers whose footprint is being written (waited for: a migration
     /// that follows another at once is the case footprints are for).
-    building: Mutex<HashMap<String, ()>>,
+    building: Mutex<HashSet<String>>,
     built: Condvar,
 }
 
@@ -77,7 +77,7 @@ impl Footprints {
         }
         Footprints {
             dir,
-            building: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashSet::new()),
             built: Condvar::new(),
         }
     }
@@ -102,7 +102,7 @@ impl Footprints {
         }
         let me = self.clone();
         let (peer, id) = (peer.to_string(), id.to_string());
-        self.lock().insert(peer.clone(), ());
+        self.lock().insert(peer.clone());
         std::thread::spawn(move || {
             let t = Instant::now();
             let pages = held.len();
@@ -119,7 +119,7 @@ impl Footprints {
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ()>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.building.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -166,7 +166,7 @@ impl Footprints {
     fn settle(&self, peer: &str) {
         let deadline = Instant::now() + WAIT;
         let mut b = self.lock();
-        while b.contains_key(peer) {
+        while b.contains(peer) {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 tracing::info!(%peer, "a footprint is still being written: the migration does without");
                 return;

@@ -1102,17 +1102,18 @@ impl Offer {
     /// and the footprint id (empty: none) then its 32-byte index digest,
     /// then the pages.
     pub fn encode(&self) -> Vec<u8> {
-        let id = self.preload.as_deref().unwrap_or("");
-        let mut out = Vec::with_capacity(70 + id.len() + self.pages.len() * 32);
-        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        out.extend_from_slice(id.as_bytes());
+        let mut out = Vec::with_capacity(1024 + self.pages.len() * 32);
+        let mut string = |s: &str| {
+            out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        string(self.preload.as_deref().unwrap_or(""));
         match &self.footprint {
-            Some((fid, d)) => {
-                out.extend_from_slice(&(fid.len() as u16).to_be_bytes());
-                out.extend_from_slice(fid.as_bytes());
+            Some((id, d)) => {
+                string(id);
                 out.extend_from_slice(&d.0);
             }
-            None => out.extend_from_slice(&[0, 0]),
+            None => string(""),
         }
         out.extend(self.pages.iter().flat_map(|d| d.0));
         out
