@@ -929,6 +929,10 @@ impl Plan {
             backlog: ((rtt.as_secs_f64() * 5.0 * DESTINATION_RATE) as u64)
                 .clamp(32 << 20, 384 << 20),
             transport: TransportConfig {
+                // At 500 ms RTT two connections took 8 s to reach the
+                // link's rate, eight 5 s (`dwcp transfer send --streams`,
+                // 300 MB, 200 Mbit/s, 1 % loss).
+                auto_start: (rtt.as_millis() as usize / 80).clamp(2, 8),
                 // The window covers what is in flight while losses are
                 // repaired: a frame held up by one holds the in-order point
                 // for an RTT or more, on some connection nearly always.

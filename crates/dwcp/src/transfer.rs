@@ -271,8 +271,9 @@ pub async fn transfer(cmd: TransferCommand) -> anyhow::Result<()> {
                     out.display()
                 );
             }
-            // Let the Done frame reach the sender before the process ends.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Let the Done frame reach the sender before the process ends:
+            // the sender closes once it has it.
+            listener.wait_closed(Duration::from_secs(10)).await;
             Ok(())
         }
         TransferAction::Send {

@@ -97,6 +97,11 @@ impl std::str::FromStr for Streams {
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
     pub streams: Streams,
+    /// Connections an `Auto` session opens at the start, before it
+    /// measures: a long link wants more (each connection's slow start
+    /// doubles its rate once per RTT from a few packets; several ramp up
+    /// together).
+    pub auto_start: usize,
     /// Most bytes a receiver holds out of order per transfer (and so the
     /// sender's window).
     pub window_bytes: u64,
@@ -125,6 +130,7 @@ impl Default for TransportConfig {
     fn default() -> Self {
         TransportConfig {
             streams: Streams::Auto,
+            auto_start: 2,
             window_bytes: 128 << 20,
             max_unsent_bytes: None,
             chunk_bytes: 256 << 10,
@@ -312,6 +318,10 @@ struct ClientInner {
     next_conn: AtomicU16,
     next_transfer: AtomicU64,
     live: AtomicUsize,
+    /// Connections being opened (TCP, TLS and hello under way).
+    opening: AtomicUsize,
+    /// Opens that failed since the last one that worked.
+    open_failures: AtomicU64,
     target: AtomicUsize,
     max_live: AtomicUsize,
     reconnects: AtomicU64,
@@ -370,7 +380,7 @@ impl Session {
         session.copy_from_slice(&seed.as_bytes()[..16]);
         let initial = match cfg.streams {
             Streams::Fixed(n) => n,
-            Streams::Auto => 2,
+            Streams::Auto => cfg.auto_start.clamp(1, MAX_STREAMS),
         };
         let inner = Arc::new(ClientInner {
             addr,
@@ -394,6 +404,8 @@ impl Session {
             next_conn: AtomicU16::new(0),
             next_transfer: AtomicU64::new(1),
             live: AtomicUsize::new(0),
+            opening: AtomicUsize::new(1),
+            open_failures: AtomicU64::new(0),
             target: AtomicUsize::new(initial),
             max_live: AtomicUsize::new(0),
             reconnects: AtomicU64::new(0),
@@ -404,10 +416,22 @@ impl Session {
             start: Instant::now(),
             rtt: Mutex::new(None),
         });
-        // The first connection is made here, so errors (refused
-        // certificate, nothing listening) reach the caller directly.
-        let (first, ready) = open_conn(&inner).await?;
-        tokio::spawn(run_conn(inner.clone(), first, ready));
+        // All connections open at once (each costs three round trips:
+        // seconds on a long link). The first is awaited here, so errors
+        // (refused certificate, nothing listening) reach the caller
+        // directly.
+        for _ in 1..initial {
+            spawn_open(&inner);
+        }
+        match open_conn(&inner).await {
+            Ok((first, ready)) => {
+                tokio::spawn(run_conn(inner.clone(), first, ready));
+            }
+            Err(e) => {
+                inner.closed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
         tokio::spawn(supervise(inner.clone()));
         Ok(Session { inner })
     }
@@ -721,9 +745,38 @@ fn leftover(dec: &mut Decoder) -> Vec<u8> {
     out
 }
 
+/// Opens one more connection in the background (counted in `opening`
+/// meanwhile).
+fn spawn_open(inner: &Arc<ClientInner>) {
+    inner.opening.fetch_add(1, Ordering::Relaxed);
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        match open_conn(&inner).await {
+            Ok((c, rest)) => {
+                inner.open_failures.store(0, Ordering::Relaxed);
+                // Counted when the session had lost every connection.
+                if inner.live.load(Ordering::Relaxed) == 0
+                    && inner.max_live.load(Ordering::Relaxed) > 0
+                {
+                    inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %inner.peer_label, "reconnected; resuming from what the receiver acknowledged");
+                }
+                run_conn(inner, c, rest).await;
+            }
+            Err(e) => {
+                let n = inner.open_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                inner.opening.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(peer = %inner.peer_label, "connect failed ({n} in a row): {e}");
+            }
+        }
+    });
+}
+
+/// Runs an opened connection until it ends.
 async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u8>) {
     lock(&inner.core).conn_up(conn);
     let live = inner.live.fetch_add(1, Ordering::Relaxed) + 1;
+    inner.opening.fetch_sub(1, Ordering::Relaxed);
     inner.max_live.fetch_max(live, Ordering::Relaxed);
     inner.wake.notify_waiters();
     let (mut rd, mut wr) = tokio::io::split(tls);
@@ -884,7 +937,7 @@ async fn supervise(inner: Arc<ClientInner>) {
         Streams::Auto => (1, MAX_STREAMS),
     });
     controller.reset(inner.target.load(Ordering::Relaxed));
-    let mut backoff = Duration::from_millis(100);
+    let mut retry_at = Instant::now();
     let mut alone_since: Option<Instant> = None;
     let mut last_eval = Instant::now();
     let mut last_acked = lock(&inner.core).stats().bytes_acked;
@@ -910,27 +963,23 @@ async fn supervise(inner: Arc<ClientInner>) {
         } else {
             alone_since = None;
         }
-        if live < target {
-            match open_conn(&inner).await {
-                Ok((c, rest)) => {
-                    // Counted when the session had lost every connection
-                    // (checked now: others may have died while connecting).
-                    if inner.live.load(Ordering::Relaxed) == 0
-                        && inner.max_live.load(Ordering::Relaxed) > 0
-                    {
-                        inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(peer = %inner.peer_label, "reconnected; resuming from what the receiver acknowledged");
-                    }
-                    tokio::spawn(run_conn(inner.clone(), c, rest));
-                    backoff = Duration::from_millis(100);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        // Missing connections open all at once; after failures, one at a
+        // time with a growing pause (100 ms doubling to 2 s).
+        let opening = inner.opening.load(Ordering::Relaxed);
+        if live + opening < target && Instant::now() >= retry_at {
+            let failures = inner.open_failures.load(Ordering::Relaxed);
+            if failures == 0 {
+                for _ in live + opening..target {
+                    spawn_open(&inner);
                 }
-                Err(e) => {
-                    tracing::warn!(peer = %inner.peer_label, "connect failed: {e}; retrying in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
+            } else if opening == 0 {
+                spawn_open(&inner);
+                let pause = Duration::from_millis(100) * (1u32 << failures.min(5));
+                retry_at = Instant::now() + pause.min(Duration::from_secs(2));
             }
+        }
+        if live < target {
+            tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
         // Stream-count control, once per interval while data flows.
@@ -1012,6 +1061,7 @@ struct ServerSession {
 pub struct Listener {
     addr: SocketAddr,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
+    sessions: Sessions,
 }
 
 impl Listener {
@@ -1034,13 +1084,31 @@ impl Listener {
             tcp,
             TlsAcceptor::from(server),
             cfg,
-            sessions,
+            sessions.clone(),
             tx,
         ));
         Ok(Listener {
             addr: bound,
             incoming: tokio::sync::Mutex::new(rx),
+            sessions,
         })
+    }
+
+    /// Waits until peers closed all their connections, at most `limit`: a
+    /// receiver about to exit lets its last frames (a transfer's `Done`)
+    /// reach the sender first (closing a socket with unread data resets it,
+    /// and the reset discards what was still unsent).
+    pub async fn wait_closed(&self, limit: Duration) {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if lock(&self.sessions)
+                .values()
+                .all(|s| s.conns.load(Ordering::Relaxed) == 0)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
