@@ -127,9 +127,13 @@ struct Out {
     hasher: blake3::Hasher,
     pushed_bytes: u64,
     fin_pushed: bool,
-    /// The receiver acknowledged the Open: data may flow (an Open and the
-    /// first data frame may take different connections).
+    /// The receiver acknowledged the Open: data may flow on any
+    /// connection.
     confirmed: bool,
+    /// The connection the Open went out on: until it is acknowledged, data
+    /// goes there only (behind the Open, in order), so a request does not
+    /// wait a round trip for its Open's acknowledgement.
+    open_on: Option<u16>,
     name: String,
     size_hint: u64,
 }
@@ -258,6 +262,7 @@ impl Sender {
                 pushed_bytes: 0,
                 fin_pushed: false,
                 confirmed: false,
+                open_on: None,
                 name: name.to_owned(),
                 size_hint,
             },
@@ -367,12 +372,25 @@ impl Sender {
     /// A connection died: what it carried and was not acknowledged goes out
     /// again on the others.
     pub fn conn_lost(&mut self, conn: u16) {
+        // A transfer whose Open went on this connection unacknowledged
+        // starts over: its Open goes again (below), its data behind it.
+        for t in self.transfers.values_mut() {
+            if !t.confirmed && t.open_on == Some(conn) {
+                t.open_on = None;
+                let first = t.frames.keys().next().copied().unwrap_or(t.next_seq);
+                for (_, slot) in t.frames.range_mut(first..t.next_unsent) {
+                    slot.sent = None;
+                    t.unsent_bytes += slot.payload.len() as u64;
+                }
+                t.next_unsent = first;
+            }
+        }
         if let Some(q) = self.inflight.remove(&conn) {
             for (t, s) in q {
                 if self
                     .transfers
                     .get(&t)
-                    .is_some_and(|o| o.frames.contains_key(&s))
+                    .is_some_and(|o| o.confirmed && o.frames.contains_key(&s))
                 {
                     self.retransmit.push_back((t, s));
                 }
@@ -403,6 +421,21 @@ impl Sender {
                 self.transfers
                     .get(t)
                     .is_some_and(|o| o.frames.contains_key(s))
+            })
+        })
+    }
+
+    /// Whether `conn` carries a frame it sent more than `age` ns before
+    /// `now` that is still not acknowledged (the connection's silence alone
+    /// says nothing when it was idle until a moment ago).
+    pub fn conn_unacked_since(&self, conn: u16, now: u64, age: u64) -> bool {
+        self.inflight.get(&conn).is_some_and(|q| {
+            q.iter().any(|(t, s)| {
+                self.transfers
+                    .get(t)
+                    .and_then(|o| o.frames.get(s))
+                    .and_then(|slot| slot.sent)
+                    .is_some_and(|(c, at)| c == conn && now.saturating_sub(at) > age)
             })
         })
     }
@@ -455,11 +488,15 @@ impl Sender {
         }
     }
 
-    fn sendable(&self, class: usize) -> Option<u32> {
+    /// A transfer of `class` with frames to send on `conn` (`None`: on
+    /// some connection).
+    fn sendable(&self, class: usize, conn: Option<u16>) -> Option<u32> {
         self.classes[class].order.iter().copied().find(|id| {
-            self.transfers
-                .get(id)
-                .is_some_and(|t| t.confirmed && t.next_unsent < t.next_seq)
+            self.transfers.get(id).is_some_and(|t| {
+                t.next_unsent < t.next_seq
+                    && (t.confirmed
+                        || t.open_on.is_some() && conn.is_none_or(|c| t.open_on == Some(c)))
+            })
         })
     }
 
@@ -481,7 +518,7 @@ impl Sender {
     /// (the receiver drops whichever copy comes second).
     fn late_frame(&self, conn: u16, now: u64) -> Option<(u32, u64)> {
         let after = self.hedge_after?;
-        for (&id, t) in &self.transfers {
+        for (&id, t) in self.transfers.iter().filter(|(_, t)| t.confirmed) {
             // The frame that holds the in-order point, and those behind it
             // on the same connection (TCP delivers them after it). Those
             // that went on other connections are late by the same clock
@@ -516,6 +553,11 @@ impl Sender {
     /// The next frame for connection `conn`, which has room to send.
     pub fn poll_transmit(&mut self, conn: u16, now: u64) -> Option<Frame> {
         if let Some(f) = self.control.pop_front() {
+            if let Frame::Open { transfer, .. } = &f {
+                if let Some(t) = self.transfers.get_mut(transfer) {
+                    t.open_on = Some(conn);
+                }
+            }
             return Some(f);
         }
         while let Some((t, s)) = self.retransmit.pop_front() {
@@ -529,11 +571,11 @@ impl Sender {
         self.refill(now);
         // Control first; then the eligible class with the least service
         // per unit of weight.
-        let pick = if self.sendable(Class::Control as usize).is_some() {
+        let pick = if self.sendable(Class::Control as usize, Some(conn)).is_some() {
             Some(Class::Control as usize)
         } else {
             (1..self.classes.len())
-                .filter(|&c| self.sendable(c).is_some())
+                .filter(|&c| self.sendable(c, Some(conn)).is_some())
                 .filter(|&c| {
                     self.classes[c].cfg.rate_limit.is_none() || self.classes[c].tokens > 0.0
                 })
@@ -559,7 +601,7 @@ impl Sender {
             self.stats.frames_sent += 1;
             return Some(f);
         };
-        let id = self.sendable(pick)?;
+        let id = self.sendable(pick, Some(conn))?;
         let t = self.transfers.get_mut(&id)?;
         let seq = t.next_unsent;
         t.next_unsent += 1;
@@ -592,7 +634,7 @@ impl Sender {
     /// that is what holds sending back.
     pub fn poll_timeout(&self, now: u64) -> Option<u64> {
         (1..self.classes.len())
-            .filter(|&c| self.sendable(c).is_some())
+            .filter(|&c| self.sendable(c, None).is_some())
             .filter_map(|c| {
                 let cs = &self.classes[c];
                 let rate = cs.cfg.rate_limit? as f64;
@@ -606,7 +648,7 @@ impl Sender {
     pub fn has_pending(&self) -> bool {
         !self.control.is_empty()
             || !self.retransmit.is_empty()
-            || (0..self.classes.len()).any(|c| self.sendable(c).is_some())
+            || (0..self.classes.len()).any(|c| self.sendable(c, None).is_some())
     }
 }
 
@@ -631,7 +673,9 @@ struct In {
     hasher: blake3::Hasher,
     bytes: u64,
     fin: Option<u64>,
-    done: bool,
+    /// Once complete: its length and hash (said again if the sender asks
+    /// again, its first Done having died with a connection).
+    done: Option<(u64, [u8; 32])>,
 }
 
 /// What handling a data frame produced.
@@ -693,7 +737,7 @@ impl Receiver {
             let done = self
                 .transfers
                 .iter()
-                .find(|(_, t)| t.done)
+                .find(|(_, t)| t.done.is_some())
                 .map(|(&id, _)| id);
             match done {
                 Some(id) => {
@@ -711,7 +755,7 @@ impl Receiver {
                 hasher: blake3::Hasher::new(),
                 bytes: 0,
                 fin: None,
-                done: false,
+                done: None,
             },
         );
         Ok(Some(Opened {
@@ -776,13 +820,29 @@ impl Receiver {
                 out.chunks.push(p);
             }
         }
-        // Duplicates (resent after a connection died) are dropped here.
+        // Duplicates (resent after a connection died) are dropped here; one
+        // of a complete transfer gets its Done again.
         out.ack = t.next_seq;
-        if !t.done && t.fin.is_some_and(|f| t.next_seq > f) {
-            t.done = true;
-            out.done = Some((t.bytes, *t.hasher.finalize().as_bytes()));
+        if t.done.is_none() && t.fin.is_some_and(|f| t.next_seq > f) {
+            t.done = Some((t.bytes, *t.hasher.finalize().as_bytes()));
         }
+        out.done = t.done;
         Ok(out)
+    }
+
+    /// The most recently completed transfers (at most `n`): length and
+    /// hash, said again to a sender that reconnects (a Done may have died
+    /// with its connection).
+    pub fn recently_done(&self, n: usize) -> Vec<(u32, u64, [u8; 32])> {
+        let mut v: Vec<_> = self
+            .transfers
+            .iter()
+            .rev()
+            .filter_map(|(&id, t)| t.done.map(|(b, h)| (id, b, h)))
+            .take(n)
+            .collect();
+        v.reverse();
+        v
     }
 
     /// Where every open transfer stands, for the acks sent on reconnect.
@@ -819,12 +879,59 @@ mod tests {
             s.poll_transmit(0, 0),
             Some(Frame::Open { transfer: 1, .. })
         ));
-        // No data before the receiver acknowledged the Open.
-        assert_eq!(s.poll_transmit(0, 0), None);
-        s.handle_ack(1, 0).expect("open acked");
+        // Before the receiver acknowledged the Open, data follows it on
+        // its connection only.
+        assert_eq!(s.poll_transmit(1, 0), None);
         assert_eq!(data(&s.poll_transmit(0, 0).expect("f")), (1, 0));
+        s.handle_ack(1, 0).expect("open acked");
         assert_eq!(data(&s.poll_transmit(1, 0).expect("f")), (1, 1));
         assert_eq!(s.poll_transmit(0, 0), None);
+    }
+
+    #[test]
+    fn a_connection_is_stalled_by_an_old_unacknowledged_frame_not_by_its_silence() {
+        let mut s = Sender::new(1 << 20);
+        s.open(1, Class::Control, "a", 0).expect("open");
+        s.push(1, vec![1; 10], true).expect("push");
+        assert!(matches!(s.poll_transmit(0, 0), Some(Frame::Open { .. })));
+        assert_eq!(data(&s.poll_transmit(0, 1_000).expect("f")), (1, 0));
+        assert!(!s.conn_unacked_since(0, 1_500, 1_000), "sent just now");
+        assert!(s.conn_unacked_since(0, 2_500, 1_000));
+        assert!(!s.conn_unacked_since(1, 2_500, 1_000), "nothing on conn 1");
+        s.handle_ack(1, 1).expect("ack");
+        assert!(!s.conn_unacked_since(0, 9_000, 1_000));
+    }
+
+    #[test]
+    fn a_complete_transfer_says_done_again_when_asked_again() {
+        let mut r = Receiver::new(1 << 20);
+        r.handle_open(1, 1, "t", 0).expect("open");
+        let first = r.handle_data(1, 0, true, vec![7; 10]).expect("data");
+        assert_eq!(first.chunks.len(), 1);
+        let done = first.done.expect("done");
+        let again = r.handle_data(1, 0, true, vec![7; 10]).expect("duplicate");
+        assert!(again.chunks.is_empty());
+        assert_eq!(again.done, Some(done));
+        assert_eq!(r.recently_done(8), vec![(1, done.0, done.1)]);
+        r.handle_open(2, 1, "u", 0).expect("open");
+        assert_eq!(r.recently_done(8).len(), 1, "only complete transfers");
+    }
+
+    #[test]
+    fn data_behind_an_open_lost_with_its_connection_follows_the_open_again() {
+        let mut s = Sender::new(1 << 20);
+        s.open(1, Class::Control, "a", 0).expect("open");
+        s.push(1, vec![1; 10], false).expect("push");
+        s.push(1, vec![2; 10], true).expect("push");
+        assert!(matches!(s.poll_transmit(0, 0), Some(Frame::Open { .. })));
+        assert_eq!(data(&s.poll_transmit(0, 0).expect("f")), (1, 0));
+        s.conn_lost(0);
+        // Not on connection 2 ahead of the Open that goes on connection 1.
+        assert!(matches!(s.poll_transmit(1, 0), Some(Frame::Open { .. })));
+        assert_eq!(s.poll_transmit(2, 0), None);
+        assert_eq!(data(&s.poll_transmit(1, 0).expect("f")), (1, 0));
+        assert_eq!(data(&s.poll_transmit(1, 0).expect("f")), (1, 1));
+        assert_eq!(s.stats().frames_retransmitted, 0);
     }
 
     #[test]
