@@ -373,6 +373,7 @@ impl Manager {
             }
         };
         let paused_at = Instant::now();
+        tracing::debug!("QEMU completed: asking the destination to commit");
         lock(&control.progress).status = "switch-over".into();
         let (commit, confirmed) = tokio::join!(
             peers.request(
@@ -1571,6 +1572,7 @@ fn encode_stream(
         waited[2] += t.elapsed();
     }
     parser.finish().map_err(|e| format!("QEMU's stream: {e}"))?;
+    drop(tx);
     let [qemu, link, destination] = waited.map(|d| d.as_secs_f64());
     tracing::info!(
         secs = t0.elapsed().as_secs_f64(),
@@ -1588,6 +1590,7 @@ fn encode_stream(
         let block = (i as u16, parser.blocks()[i].length_bytes);
         (block, enc.into_held(i as u16))
     });
+    tracing::debug!(secs = t0.elapsed().as_secs_f64(), "relay's pages collected");
     Ok(Encoded {
         stats,
         preloaded,

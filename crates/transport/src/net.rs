@@ -23,6 +23,8 @@ use crate::sched::{Class, ClassConfig, Opened, Receiver, RecvError, SendError, S
 
 pub const MAX_STREAMS: usize = 16;
 const MAX_SESSIONS: usize = 256;
+/// Completed transfers whose Done a reconnecting sender hears again.
+const RESENT_DONES: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -392,7 +394,9 @@ impl Session {
             cfg: cfg.clone(),
             session,
             core: Mutex::new({
-                let mut s = Sender::new(cfg.window_bytes);
+                // Until the receiver says what it holds (its HelloAck),
+                // no more than the smallest window it may have.
+                let mut s = Sender::new(cfg.window_bytes.min(crate::frame::MAX_CHUNK as u64));
                 if let Some(n) = cfg.max_unsent_bytes {
                     s.set_max_unsent(n);
                 }
@@ -424,8 +428,8 @@ impl Session {
             spawn_open(&inner);
         }
         match open_conn(&inner).await {
-            Ok((first, ready)) => {
-                tokio::spawn(run_conn(inner.clone(), first, ready));
+            Ok(first) => {
+                tokio::spawn(run_conn(inner.clone(), first));
             }
             Err(e) => {
                 inner.closed.store(true, Ordering::Relaxed);
@@ -643,8 +647,12 @@ pub fn hex(b: &[u8]) -> String {
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// Connects, handshakes, exchanges Hello. Returns the stream and conn id.
-async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), TransportError> {
+/// Connects, handshakes, sends Hello. Returns the stream and conn id. The
+/// peer's HelloAck is not waited for (a round trip: half a second on a
+/// long link): frames follow the Hello at once, the reader takes the
+/// HelloAck (see [`client_frame`]), and a peer that refuses the connection
+/// closes it (see [`run_conn`]).
+async fn open_conn(inner: &Arc<ClientInner>) -> Result<(u16, Tls), TransportError> {
     let addr = inner.addr;
     let to = inner.cfg.handshake_timeout;
     let t0 = Instant::now();
@@ -656,56 +664,25 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), Tr
     let connect_rtt = t0.elapsed();
     let rtt = (*lock(&inner.rtt)).unwrap_or(connect_rtt);
     let algo = tune_socket(&tcp, &inner.cfg, buffer_for(&inner.cfg, rtt));
-    let tls = tokio::time::timeout(to, inner.connector.connect(inner.server_name.clone(), tcp))
+    let mut tls = tokio::time::timeout(to, inner.connector.connect(inner.server_name.clone(), tcp))
         .await
         .map_err(|_| TransportError::Timeout { addr, after: to })?
         .map_err(|source| TransportError::Handshake { addr, source })?;
     let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let peer = peer_name(tls.get_ref().1);
-    let mut tls = tls;
     let mut hello = Vec::new();
     Frame::Hello {
         session: inner.session,
         conn,
     }
     .encode(&mut hello);
-    let exchange = async {
+    tokio::time::timeout(to, async {
         tls.write_all(&hello).await?;
-        tls.flush().await?;
-        let mut dec = Decoder::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = tls.read(&mut buf).await?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "closed during hello",
-                ));
-            }
-            dec.push(&buf[..n]);
-            match dec.next_frame() {
-                Ok(Some(Frame::HelloAck { window, .. })) => {
-                    let rest = leftover(&mut dec);
-                    return Ok((window, rest));
-                }
-                Ok(Some(Frame::Close { reason })) => {
-                    return Err(std::io::Error::other(format!("refused: {reason}")))
-                }
-                Ok(Some(other)) => {
-                    return Err(std::io::Error::other(format!(
-                        "unexpected {} frame",
-                        other.kind_name()
-                    )))
-                }
-                Ok(None) => {}
-                Err(e) => return Err(std::io::Error::other(e.to_string())),
-            }
-        }
-    };
-    let (window, rest) = tokio::time::timeout(to, exchange)
-        .await
-        .map_err(|_| TransportError::Timeout { addr, after: to })?
-        .map_err(|source| TransportError::Handshake { addr, source })?;
+        tls.flush().await
+    })
+    .await
+    .map_err(|_| TransportError::Timeout { addr, after: to })?
+    .map_err(|source| TransportError::Handshake { addr, source })?;
     // The session's RTT: the smallest TCP connect time seen (the base RTT
     // of the path, not of its queues).
     let rtt = {
@@ -718,11 +695,8 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<((u16, Tls), Vec<u8>), Tr
     // out again on an idle connection.
     let hedge = (rtt * 4).max(Duration::from_millis(300));
     lock(&inner.core).set_hedge_after(Some(hedge.as_nanos() as u64));
-    // The smaller of what the receiver can hold and what this sender wants
-    // in flight (a migration keeps it near one BDP).
-    lock(&inner.core).set_window(window.min(inner.cfg.window_bytes));
     tracing::info!(peer = %peer, conn, congestion = %algo, "connection up");
-    Ok(((conn, tls), rest))
+    Ok((conn, tls))
 }
 
 /// The node name in the certificate the peer presented on this connection.
@@ -734,17 +708,6 @@ fn peer_name(state: &rustls::CommonState) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Bytes the decoder holds beyond the frames taken (re-fed to the reader).
-fn leftover(dec: &mut Decoder) -> Vec<u8> {
-    let mut out = Vec::new();
-    // Frames after the HelloAck (acks sent right away on resume) are
-    // re-encoded for the reader loop.
-    while let Ok(Some(f)) = dec.next_frame() {
-        f.encode(&mut out);
-    }
-    out
-}
-
 /// Opens one more connection in the background (counted in `opening`
 /// meanwhile).
 fn spawn_open(inner: &Arc<ClientInner>) {
@@ -752,8 +715,7 @@ fn spawn_open(inner: &Arc<ClientInner>) {
     let inner = inner.clone();
     tokio::spawn(async move {
         match open_conn(&inner).await {
-            Ok((c, rest)) => {
-                inner.open_failures.store(0, Ordering::Relaxed);
+            Ok(c) => {
                 // Counted when the session had lost every connection.
                 if inner.live.load(Ordering::Relaxed) == 0
                     && inner.max_live.load(Ordering::Relaxed) > 0
@@ -761,7 +723,7 @@ fn spawn_open(inner: &Arc<ClientInner>) {
                     inner.reconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(peer = %inner.peer_label, "reconnected; resuming from what the receiver acknowledged");
                 }
-                run_conn(inner, c, rest).await;
+                run_conn(inner, c).await;
             }
             Err(e) => {
                 let n = inner.open_failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -773,7 +735,7 @@ fn spawn_open(inner: &Arc<ClientInner>) {
 }
 
 /// Runs an opened connection until it ends.
-async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u8>) {
+async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
     lock(&inner.core).conn_up(conn);
     let live = inner.live.fetch_add(1, Ordering::Relaxed) + 1;
     inner.opening.fetch_sub(1, Ordering::Relaxed);
@@ -786,12 +748,21 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u
         let stop = stop.clone();
         async move {
             let mut dec = Decoder::new();
-            dec.push(&first);
+            // Until the peer's HelloAck, a Close is its refusal of this
+            // connection (not of the session): counted as a failed open.
+            let mut welcomed = false;
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 loop {
                     match dec.next_frame() {
-                        Ok(Some(f)) => client_frame(&inner, f)?,
+                        Ok(Some(Frame::Close { reason })) if !welcomed => {
+                            inner.open_failures.fetch_add(1, Ordering::Relaxed);
+                            return Err(format!("refused: {reason}"));
+                        }
+                        Ok(Some(f)) => {
+                            welcomed |= matches!(f, Frame::HelloAck { .. });
+                            client_frame(&inner, f)?
+                        }
                         Ok(None) => break,
                         Err(e) => return Err(format!("bad frame: {e}")),
                     }
@@ -802,8 +773,21 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u
                 let stall = (rtt * 8).max(inner.cfg.stall_timeout);
                 let n = tokio::select! {
                     r = tokio::time::timeout(stall, rd.read(&mut buf)) => match r {
+                        Ok(Err(e)) if !welcomed => {
+                            // TLS 1.3: the peer checks this node's
+                            // certificate after the client's handshake is
+                            // done, and says no with an alert here.
+                            if let Some(alert) = tls_alert(&e) {
+                                inner.fail(format!(
+                                    "{} refused the TLS handshake: {alert}",
+                                    inner.peer_label
+                                ));
+                            }
+                            inner.open_failures.fetch_add(1, Ordering::Relaxed);
+                            return Err(format!("closed before the peer's hello: {e}"));
+                        }
                         Ok(r) => r.map_err(|e| e.to_string())?,
-                        Err(_) if lock(&inner.core).conn_has_unacked(conn) => {
+                        Err(_) if lock(&inner.core).conn_unacked_since(conn, inner.now(), stall.as_nanos() as u64) => {
                             return Err(format!("stalled: nothing acknowledged for {stall:?}"));
                         }
                         Err(_) => continue,
@@ -896,8 +880,24 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls), first: Vec<u
     }
 }
 
+/// The TLS alert the peer sent, if that is what ended a read.
+fn tls_alert(e: &std::io::Error) -> Option<String> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(format!("received fatal alert: {a:?}")),
+        _ => None,
+    }
+}
+
 fn client_frame(inner: &ClientInner, f: Frame) -> Result<(), String> {
     match f {
+        Frame::HelloAck { window, .. } => {
+            inner.open_failures.store(0, Ordering::Relaxed);
+            // The smaller of what the receiver can hold and what this
+            // sender wants in flight (a migration keeps it near one BDP).
+            lock(&inner.core).set_window(window.min(inner.cfg.window_bytes));
+            inner.room.notify_waiters();
+            inner.wake.notify_waiters();
+        }
         Frame::Ack { transfer, next_seq } => {
             lock(&inner.core)
                 .handle_ack(transfer, next_seq)
@@ -1254,9 +1254,20 @@ async fn serve_conn(
         session: session_id,
         window: cfg.window_bytes,
     }];
-    // Resuming: tell the sender where every transfer stands.
-    for (transfer, next_seq) in session.recv.lock().await.positions() {
-        hello_ack.push(Frame::Ack { transfer, next_seq });
+    // Resuming: tell the sender where every transfer stands, and the last
+    // ones that completed (their Done may have died with a connection).
+    {
+        let recv = session.recv.lock().await;
+        for (transfer, next_seq) in recv.positions() {
+            hello_ack.push(Frame::Ack { transfer, next_seq });
+        }
+        for (transfer, bytes, hash) in recv.recently_done(RESENT_DONES) {
+            hello_ack.push(Frame::Done {
+                transfer,
+                bytes,
+                hash,
+            });
+        }
     }
     for f in hello_ack {
         let _ = out_tx.send(f).await;
@@ -1429,10 +1440,11 @@ async fn server_frame(
             .await
             .map_err(|_| "writer gone".to_owned())?;
             if let Some((bytes, hash)) = d.done {
-                if let Some(sink) = sink {
+                // Only the first time: later ones answer duplicates.
+                let first = lock(&session.sinks).remove(&transfer);
+                if let Some(sink) = first {
                     let _ = sink.send(Chunk::Done { bytes, hash }).await;
                 }
-                lock(&session.sinks).remove(&transfer);
                 out.send(Frame::Done {
                     transfer,
                     bytes,
