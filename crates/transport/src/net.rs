@@ -224,6 +224,25 @@ fn tune_socket(s: &TcpStream, cfg: &TransportConfig, buffer: usize) -> String {
     chosen
 }
 
+/// The kernel's smoothed RTT of a connection (after the handshake: the
+/// SYN to SYN-ACK time), if it has one.
+fn kernel_rtt(s: &TcpStream) -> Option<Duration> {
+    // SAFETY: an all-zero tcp_info is a valid value (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(info.tcpi_rtt as u64))
+}
+
 /// One of a socket's kernel buffers.
 #[derive(Clone, Copy, Debug)]
 pub enum SocketBuffer {
@@ -660,8 +679,10 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<(u16, Tls), TransportErro
         .await
         .map_err(|_| TransportError::Timeout { addr, after: to })?
         .map_err(|source| TransportError::Connect { addr, source })?;
-    // SYN to SYN-ACK: one round trip, without TLS's CPU time in it.
-    let connect_rtt = t0.elapsed();
+    // SYN to SYN-ACK: one round trip, without TLS's CPU time in it; the
+    // kernel's own sample where it has one (a busy runtime may see the
+    // connect late: connections open together).
+    let connect_rtt = kernel_rtt(&tcp).unwrap_or_else(|| t0.elapsed());
     let rtt = (*lock(&inner.rtt)).unwrap_or(connect_rtt);
     let algo = tune_socket(&tcp, &inner.cfg, buffer_for(&inner.cfg, rtt));
     let mut tls = tokio::time::timeout(to, inner.connector.connect(inner.server_name.clone(), tcp))
