@@ -427,6 +427,7 @@ impl Session {
             next_conn: AtomicU16::new(0),
             next_transfer: AtomicU64::new(1),
             live: AtomicUsize::new(0),
+            // The first connection, opened below.
             opening: AtomicUsize::new(1),
             open_failures: AtomicU64::new(0),
             target: AtomicUsize::new(initial),
@@ -995,7 +996,7 @@ async fn supervise(inner: Arc<ClientInner>) {
                 }
             } else if opening == 0 {
                 spawn_open(&inner);
-                let pause = Duration::from_millis(100) * (1u32 << failures.min(5));
+                let pause = Duration::from_millis(100) * (1u32 << (failures - 1).min(5));
                 retry_at = Instant::now() + pause.min(Duration::from_secs(2));
             }
         }
