@@ -231,6 +231,7 @@ impl Drop for Emulator {
 }
 
 fn reader(s: &Shared, from: usize) {
+    sys::realtime_thread();
     let fd = s.ports[from].tun.as_raw_fd();
     let mut buf = vec![0u8; 65536];
     while !s.stop.load(Ordering::Relaxed) {
@@ -286,6 +287,7 @@ fn reader(s: &Shared, from: usize) {
 }
 
 fn deliverer(s: &Shared, from: usize, to: usize) {
+    sys::realtime_thread();
     let link = s.link(from, to);
     let fd = s.ports[to].tun.as_raw_fd();
     let mut batch = Vec::with_capacity(DELIVERY_BATCH);
