@@ -224,23 +224,36 @@ fn tune_socket(s: &TcpStream, cfg: &TransportConfig, buffer: usize) -> String {
     chosen
 }
 
-/// The kernel's smoothed RTT of a connection (after the handshake: the
-/// SYN to SYN-ACK time), if it has one.
-fn kernel_rtt(s: &TcpStream) -> Option<Duration> {
+/// What the kernel knows of a TCP connection's round trips.
+#[derive(Clone, Copy, Debug)]
+enum KernelRtt {
+    /// The smoothed RTT (right after the handshake: the SYN to SYN-ACK time).
+    Smoothed,
+    /// The smallest sample of the last minutes: the path without its queues.
+    Min,
+}
+
+/// The kernel's RTT of the connection on `fd`, if it has one.
+fn kernel_rtt(fd: std::os::fd::RawFd, which: KernelRtt) -> Option<Duration> {
     // SAFETY: an all-zero tcp_info is a valid value (plain integers).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `info`.
     let r = unsafe {
         libc::getsockopt(
-            s.as_raw_fd(),
+            fd,
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&mut info as *mut libc::tcp_info).cast(),
             &mut len,
         )
     };
-    (r == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(info.tcpi_rtt as u64))
+    let us = match which {
+        KernelRtt::Smoothed => info.tcpi_rtt,
+        KernelRtt::Min => info.tcpi_min_rtt,
+    };
+    // A zero or "no sample yet" (u32::MAX) minimum is no answer.
+    (r == 0 && us > 0 && us != u32::MAX).then(|| Duration::from_micros(us as u64))
 }
 
 /// One of a socket's kernel buffers.
@@ -357,6 +370,14 @@ struct ClientInner {
 impl ClientInner {
     fn now(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
+    }
+    /// Takes an RTT sample; the session's RTT is the smallest seen (the
+    /// base RTT of the path, not of its queues), returned.
+    fn note_rtt(&self, sample: Duration) -> Duration {
+        let mut r = lock(&self.rtt);
+        let best = r.map_or(sample, |old| old.min(sample));
+        *r = Some(best);
+        best
     }
     fn fail(&self, why: String) {
         let mut f = lock(&self.fatal);
@@ -683,7 +704,8 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<(u16, Tls), TransportErro
     // SYN to SYN-ACK: one round trip, without TLS's CPU time in it; the
     // kernel's own sample where it has one (a busy runtime may see the
     // connect late: connections open together).
-    let connect_rtt = kernel_rtt(&tcp).unwrap_or_else(|| t0.elapsed());
+    let connect_rtt =
+        kernel_rtt(tcp.as_raw_fd(), KernelRtt::Smoothed).unwrap_or_else(|| t0.elapsed());
     let rtt = (*lock(&inner.rtt)).unwrap_or(connect_rtt);
     let algo = tune_socket(&tcp, &inner.cfg, buffer_for(&inner.cfg, rtt));
     let mut tls = tokio::time::timeout(to, inner.connector.connect(inner.server_name.clone(), tcp))
@@ -705,14 +727,7 @@ async fn open_conn(inner: &Arc<ClientInner>) -> Result<(u16, Tls), TransportErro
     .await
     .map_err(|_| TransportError::Timeout { addr, after: to })?
     .map_err(|source| TransportError::Handshake { addr, source })?;
-    // The session's RTT: the smallest TCP connect time seen (the base RTT
-    // of the path, not of its queues).
-    let rtt = {
-        let mut r = lock(&inner.rtt);
-        let best = r.map_or(connect_rtt, |old| old.min(connect_rtt));
-        *r = Some(best);
-        best
-    };
+    let rtt = inner.note_rtt(connect_rtt);
     // A frame holding up in-order delivery for 4 RTTs (at least 300 ms) goes
     // out again on an idle connection.
     let hedge = (rtt * 4).max(Duration::from_millis(300));
@@ -763,6 +778,8 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
     inner.opening.fetch_sub(1, Ordering::Relaxed);
     inner.max_live.fetch_max(live, Ordering::Relaxed);
     inner.wake.notify_waiters();
+    // Valid while `tls` lives: its halves live to the end of this function.
+    let fd = tls.get_ref().0.as_raw_fd();
     let (mut rd, mut wr) = tokio::io::split(tls);
     let stop = Arc::new(Notify::new());
     let reader = {
@@ -770,6 +787,7 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
         let stop = stop.clone();
         async move {
             let mut dec = Decoder::new();
+            let mut rtt_asked = Instant::now();
             // Until the peer's HelloAck, a Close is its refusal of this
             // connection (not of the session): counted as a failed open.
             let mut welcomed = false;
@@ -820,6 +838,15 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
                     return Err("connection closed by peer".into());
                 }
                 dec.push(&buf[..n]);
+                // A connect that met a queue (another connection's data, a
+                // busy emulator or router) gave too long an RTT; the
+                // kernel's smallest sample since then corrects it.
+                if rtt_asked.elapsed() > Duration::from_millis(100) {
+                    rtt_asked = Instant::now();
+                    if let Some(min) = kernel_rtt(fd, KernelRtt::Min) {
+                        inner.note_rtt(min);
+                    }
+                }
             }
         }
     };
