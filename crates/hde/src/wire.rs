@@ -14,7 +14,9 @@
 //!   very content at that very place: the receiver preloaded a replica of
 //!   this VM's checkpoint before the first page arrived,
 //! - as an XOR delta against the version the receiver holds (from an
-//!   earlier round, or its replica), when the page changed a little,
+//!   earlier round, or its replica), when the page changed a little (a
+//!   page sent as a delta against an offered page is not kept: that page
+//!   stays its base for later rounds),
 //! - or as the page itself.
 //!
 //! [`WireDecoder`] turns records back into a stream QEMU loads: the source's
@@ -470,15 +472,26 @@ impl WireEncoder {
             (&self.images, self.store.as_ref()),
             slot,
         );
-        let delta = base.and_then(|(r, base)| {
+        let delta = base.and_then(|(r, base, offered)| {
             r.put(&mut self.raw);
             self.raw.extend_from_slice(&check_of(&d));
-            delta_into(data, &base, &mut self.raw)
+            Some((delta_into(data, &base, &mut self.raw)?, offered))
         });
-        if let Some(len) = delta {
+        if let Some((len, offered)) = delta {
             self.stats.delta_pages += 1;
             // Counted as the page it stands for.
             self.stats.record_bytes += as_page(11 + REF_LEN + 8 + len);
+            if let Some(base) = offered {
+                // A delta against an offered page: that page stays the
+                // slot's base, at hand on both sides without a copy (with a
+                // replica, most of a first round is such deltas: copies of
+                // them were a third of the sender's time, most of it the
+                // kernel zeroing fresh memory for them).
+                self.slots.insert(slot, d);
+                self.cache.forget(slot);
+                self.likely.insert(slot, base);
+                return Ok(());
+            }
         } else {
             self.raw.truncate(mark);
             self.stats.full_pages += 1;
@@ -594,18 +607,20 @@ impl WireEncoder {
 type Slots = HashMap<(u16, u64), Digest>;
 
 /// The receiver's version of a slot (or an offered page likely like it),
-/// as a reference and its content.
+/// as a reference and its content, and the offered page's digest if the
+/// base is one.
 fn base_of<'a>(
     cache: &'a Cache,
     (slots, likely): (&Slots, &Slots),
     known: &HashMap<Digest, u32>,
     (images, store): (&[crate::MemoryImage], Option<&crate::PageReader>),
     slot: (u16, u64),
-) -> Option<(Ref, std::borrow::Cow<'a, Page>)> {
+) -> Option<(Ref, std::borrow::Cow<'a, Page>, Option<Digest>)> {
     if let Some(p) = cache.get(slot) {
         return Some((
             Ref::Slot(slot.0, slot.1 as u32),
             std::borrow::Cow::Borrowed(p),
+            None,
         ));
     }
     let (d, i) = [slots.get(&slot), likely.get(&slot)]
@@ -616,7 +631,7 @@ fn base_of<'a>(
         Some(p) => p,
         None => store?.page(d).ok()??,
     };
-    Some((Ref::Known(i), std::borrow::Cow::Owned(*p)))
+    Some((Ref::Known(i), std::borrow::Cow::Owned(*p), Some(*d)))
 }
 
 fn verbatim(out: &mut Vec<u8>, tail: u8, kind: u8, bytes: &[u8]) {
@@ -669,6 +684,11 @@ pub struct WireDecoder {
     held: Vec<Vec<u64>>,
     preload: Preload,
     record_bytes: u64,
+    /// The block whose pages QEMU holds as zeros where nothing was
+    /// preloaded or written (see [`zero_unless_given`](Self::zero_unless_given)).
+    zeroed: Option<String>,
+    /// Zero pages left out of the stream: QEMU held zeros there.
+    zeros_skipped: u64,
 }
 
 impl WireDecoder {
@@ -691,6 +711,8 @@ impl WireDecoder {
             held: Vec::new(),
             preload: Preload::None,
             record_bytes: 0,
+            zeroed: None,
+            zeros_skipped: 0,
         })
     }
 
@@ -711,6 +733,37 @@ impl WireDecoder {
     /// from the store.
     pub fn bases_from(&mut self, image: crate::MemoryImage) {
         self.images.push(image);
+    }
+
+    /// After a preload, QEMU's block `name` holds zeros wherever the
+    /// preload put nothing: its RAM starts zeroed, and a replica's image it
+    /// maps has holes there. Zero pages for such places (most of a first
+    /// round's) are then left out of the stream: QEMU checks a zero page
+    /// against what it holds, and reading a mapped image's holes made the
+    /// kernel zero a page cache page for each, a fifth of a second at the
+    /// end of a 1 GiB guest's migration.
+    pub fn zero_unless_given(&mut self, name: &str) {
+        self.zeroed = Some(name.to_string());
+    }
+
+    /// Zero pages left out of the stream (see
+    /// [`zero_unless_given`](Self::zero_unless_given)).
+    pub fn zeros_skipped(&self) -> u64 {
+        self.zeros_skipped
+    }
+
+    /// Whether QEMU holds zeros at `index` of `block` for sure: the block
+    /// given to [`zero_unless_given`](Self::zero_unless_given), after a
+    /// preload, at a page nothing was preloaded or written to.
+    fn holds_zeros(&self, block: u16, index: u64) -> bool {
+        self.preload == Preload::Done
+            && self.zeroed.is_some()
+            && self.blocks.get(block as usize).map(|b| &b.name) == self.zeroed.as_ref()
+            && self
+                .held
+                .get(block as usize)
+                .and_then(|bits| bits.get((index / 64) as usize))
+                .is_some_and(|w| w & (1 << (index % 64)) == 0)
     }
 
     /// The pages of `block` both sides hold at the end of the stream.
@@ -1022,12 +1075,14 @@ impl WireDecoder {
                     }
                     Ok(page)
                 };
+                // Kept as the slot's version, but for a delta against an
+                // offered page (see the encoder).
+                let mut keep = true;
                 let (data, used) = match tag {
                     TAG_FILL => {
                         let Some(&f) = body.first() else {
                             return Ok(None);
                         };
-                        self.cache.forget(slot);
                         (PageData::Fill(f), 12)
                     }
                     TAG_PAGE => {
@@ -1055,7 +1110,9 @@ impl WireDecoder {
                         let Some(len) = apply_delta(&body[XOR..], None)? else {
                             return Ok(None);
                         };
-                        let mut page = self.resolve(get_ref(body)?)?;
+                        let base = get_ref(body)?;
+                        keep = !matches!(base, Ref::Known(_));
+                        let mut page = self.resolve(base)?;
                         apply_delta(&body[XOR..], Some(&mut page))?;
                         let page = checked(page, &body[CHECK..XOR])?;
                         // Counted as the page it stands for, as the sender
@@ -1064,8 +1121,15 @@ impl WireDecoder {
                         (PageData::Full(page), 11 + XOR + len)
                     }
                 };
-                if let PageData::Full(page) = &data {
-                    self.cache.keep(slot, page);
+                match &data {
+                    PageData::Full(page) if keep => {
+                        self.cache.keep(slot, page);
+                    }
+                    _ => self.cache.forget(slot),
+                }
+                if matches!(data, PageData::Fill(0)) && self.holds_zeros(block, slot.1) {
+                    self.zeros_skipped += 1;
+                    return Ok(Some(used));
                 }
                 let rec = PageRecord {
                     block,
