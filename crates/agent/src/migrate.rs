@@ -130,6 +130,25 @@ pub(crate) struct MigrationControl {
     destination_ready: AtomicBool,
     /// The destination's QEMU mapped this many of the replica's pages.
     mapped_at_destination: AtomicU64,
+    /// Record bytes the destination gets through per second of its own
+    /// work (not counting its waits for this side), once ready.
+    destination_capacity: AtomicU64,
+}
+
+impl MigrationControl {
+    /// Record bytes the destination may have still to do: about five RTTs
+    /// of its work at the rate it showed, and never less than `floor` (the
+    /// plan's guess before it showed one). Five RTTs because it counts
+    /// what is on the link and in the reports' way back too; in its own
+    /// terms because a page sent as a delta against a replica the
+    /// destination holds mapped is far less work than a guess made for
+    /// all pages: with the guess alone (128 MB at 100 ms), the relay of a
+    /// 1 GiB guest with a replica waited 0.7 s of 2.5 for a destination
+    /// that itself waited 1.4 s for it.
+    fn backlog(&self, floor: u64, rtt: Duration) -> u64 {
+        let rate = self.destination_capacity.load(Ordering::Relaxed) as f64;
+        ((rate * rtt.as_secs_f64() * 5.0) as u64).clamp(floor, MAX_BACKLOG.max(floor))
+    }
 }
 
 pub(crate) type Migrations = Mutex<HashMap<String, Arc<MigrationControl>>>;
@@ -205,6 +224,7 @@ impl Manager {
             records_sent: Default::default(),
             destination_ready: Default::default(),
             mapped_at_destination: Default::default(),
+            destination_capacity: Default::default(),
         });
         lock(&self.migrations).insert(name.to_string(), control.clone());
         let result = self
@@ -519,7 +539,7 @@ impl Manager {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
         let counters = control.clone();
         let encoder = tokio::task::spawn_blocking(move || {
-            encode_stream(conn, tx, &counters, known, level, backlog)
+            encode_stream(conn, tx, &counters, known, level, (backlog, rtt))
         });
         let transfer = tokio::spawn({
             let (session, name) = (session.clone(), format!("migrate/{id}"));
@@ -564,7 +584,8 @@ impl Manager {
                         }
                     }
                 }
-                if hold && control.destination_ready.load(Ordering::Relaxed) && behind <= backlog {
+                let ready = control.destination_ready.load(Ordering::Relaxed);
+                if hold && ready && behind <= control.backlog(backlog, rtt) {
                     let p = json!({
                         "avail-switchover-bandwidth": 0,
                         "cpu-throttle-initial": 20,
@@ -728,6 +749,9 @@ impl Manager {
                     }
                     if let Some(m) = v["mapped"].as_u64() {
                         c.mapped_at_destination.store(m, Ordering::Relaxed);
+                    }
+                    if let Some(r) = v["capacity"].as_u64() {
+                        c.destination_capacity.store(r, Ordering::Relaxed);
                     }
                 }
                 Ok(Vec::new())
@@ -974,6 +998,9 @@ const SILENCE: Duration = Duration::from_secs(30);
 /// preloads (bytes per second): its threshold stays under one page.
 const HOLD_SWITCHOVER_BPS: u64 = 8192;
 
+/// The most record bytes a destination may have still to do.
+const MAX_BACKLOG: u64 = 1 << 30;
+
 /// The destination's backlog allowed while it preloads (record bytes,
 /// the preload's pages counted): the first round starts when about this
 /// much of the preload is left.
@@ -1215,6 +1242,9 @@ struct Fed {
     /// Preloaded pages QEMU held in place (its memory mapped from the
     /// replica's image).
     mapped: AtomicU64,
+    /// Record bytes per second of this side's own work since ready (see
+    /// [`MigrationControl::backlog`]).
+    capacity: AtomicU64,
 }
 
 /// Destination: decodes the transfer into QEMU's incoming socket, first
@@ -1241,11 +1271,15 @@ fn feed_qemu(
     if let Some(image) = footprint {
         dec.bases_from(image);
     }
+    dec.zero_unless_given(MAIN_RAM_BLOCK);
     let mut out = Vec::new();
     let mut total = 0u64;
     // Where the feed's time went, for the log: waiting for the source,
     // for QEMU.
     let (mut for_source, mut for_qemu) = (Duration::ZERO, Duration::ZERO);
+    // When it became ready: time, time waited for the source until then,
+    // record bytes done.
+    let mut since_ready: Option<(Instant, Duration, u64)> = None;
     let mut write = |out: &mut Vec<u8>| -> Result<(), String> {
         let t = Instant::now();
         qemu.write_all(out)
@@ -1307,6 +1341,16 @@ fn feed_qemu(
                     // Past the block list, and the preload (if one was
                     // asked for) done.
                     fed.ready.store(true, Ordering::Relaxed);
+                    let (at, waited, done0) = *since_ready.get_or_insert((
+                        Instant::now(),
+                        for_source,
+                        dec.record_bytes(),
+                    ));
+                    let busy = at.elapsed().saturating_sub(for_source - waited);
+                    if busy >= Duration::from_millis(100) {
+                        let rate = (dec.record_bytes() - done0) as f64 / busy.as_secs_f64();
+                        fed.capacity.store(rate as u64, Ordering::Relaxed);
+                    }
                 }
             }
             Chunk::Done { .. } => {
@@ -1318,6 +1362,7 @@ fn feed_qemu(
                     secs = t0.elapsed().as_secs_f64(),
                     waiting_for_source = for_source.as_secs_f64(),
                     waiting_for_qemu = for_qemu.as_secs_f64(),
+                    zero_pages_left_out = dec.zeros_skipped(),
                     "incoming stream fed to QEMU"
                 );
                 let main = dec.blocks().iter().position(|b| b.name == MAIN_RAM_BLOCK);
@@ -1356,7 +1401,8 @@ async fn report_progress(
         }
         (last, sent_at) = (now, Instant::now());
         let mapped = fed.mapped.load(Ordering::Relaxed);
-        let body = json!({ "id": id, "done": now.0, "ready": now.1, "mapped": mapped })
+        let capacity = fed.capacity.load(Ordering::Relaxed);
+        let body = json!({ "id": id, "done": now.0, "ready": now.1, "mapped": mapped, "capacity": capacity })
             .to_string()
             .into_bytes();
         let (peers, source) = (peers.clone(), source.clone());
@@ -1468,7 +1514,7 @@ fn encode_stream(
     counters: &MigrationControl,
     known: Known,
     level: i32,
-    backlog: u64,
+    (backlog, rtt): (u64, Duration),
 ) -> Result<Encoded, String> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
@@ -1546,7 +1592,7 @@ fn encode_stream(
             // alone does not keep the pause from waiting for the preload),
             // and starts a little before its end.
             let allowed = match counters.destination_ready.load(Ordering::Relaxed) {
-                true => backlog,
+                true => counters.backlog(backlog, rtt),
                 false => backlog.max(HOLD_BACKLOG),
             };
             if sent.saturating_sub(done) <= allowed {
