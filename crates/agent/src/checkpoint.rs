@@ -330,8 +330,11 @@ impl Manager {
         let sending = blocking(move || pages.read_objects(&wanted)).await?;
         let body = dwcp_hde::replica::encode_objects(&manifest, &map, &sending)?;
         bytes_sent += body.len() as u64;
+        // Over the bulk session a migration to the peer uses too: it finds
+        // it at the link's rate.
+        let cfg = crate::migrate::Plan::of(peers.link(to)).transport;
         let answer = peers
-            .request(to, "replica-objects", body, Duration::from_secs(3600))
+            .request_bulk(to, "replica-objects", body, Duration::from_secs(3600), cfg)
             .await?;
         let there: Manifest =
             serde_json::from_slice(&answer).map_err(|e| crate::peers::PeerError::Refused {

@@ -123,8 +123,6 @@ pub(crate) struct MigrationControl {
     /// done (flow control: see `encode_stream`).
     id: String,
     done_at_destination: AtomicU64,
-    /// Record bytes the source has handed on.
-    records_sent: AtomicU64,
     /// The destination has its preload (if any) behind it: QEMU may
     /// switch over.
     destination_ready: AtomicBool,
@@ -133,21 +131,61 @@ pub(crate) struct MigrationControl {
     /// Record bytes the destination gets through per second of its own
     /// work (not counting its waits for this side), once ready.
     destination_capacity: AtomicU64,
+    /// Wire bytes the destination reported received.
+    received_at_destination: AtomicU64,
+    /// Wire bytes that reach the destination in an RTT and half the
+    /// downtime limit, at the best rate seen (0: none seen yet).
+    link_budget: AtomicU64,
+    /// Per chunk handed on and not yet known received: the wire bytes and
+    /// the record bytes handed on up to its end; and the record bytes up to
+    /// the last chunk known received.
+    handed_on: Mutex<(std::collections::VecDeque<(u64, u64)>, u64)>,
 }
 
 impl MigrationControl {
-    /// Record bytes the destination may have still to do: about five RTTs
-    /// of its work at the rate it showed, and never less than `floor` (the
-    /// plan's guess before it showed one). Five RTTs because it counts
-    /// what is on the link and in the reports' way back too; in its own
-    /// terms because a page sent as a delta against a replica the
-    /// destination holds mapped is far less work than a guess made for
-    /// all pages: with the guess alone (128 MB at 100 ms), the relay of a
-    /// 1 GiB guest with a replica waited 0.7 s of 2.5 for a destination
-    /// that itself waited 1.4 s for it.
-    fn backlog(&self, floor: u64, rtt: Duration) -> u64 {
-        let rate = self.destination_capacity.load(Ordering::Relaxed) as f64;
-        ((rate * rtt.as_secs_f64() * 5.0) as u64).clamp(floor, MAX_BACKLOG.max(floor))
+    /// Record bytes the destination may have queued: two RTTs of its work
+    /// at the rate it showed (what it gets through while its report goes
+    /// back and more comes, twice), at least [`MIN_BACKLOG`]; before it
+    /// showed one, `guess`. In its own terms because a page sent as a
+    /// delta against a replica the destination holds mapped is far less
+    /// work than a guess made for all pages: with the guess alone (128 MB
+    /// at 100 ms), the relay of a 1 GiB guest with a replica waited 0.7 s
+    /// of 2.5 for a destination that itself waited 1.4 s for it.
+    fn backlog(&self, guess: u64, rtt: Duration) -> u64 {
+        match self.destination_capacity.load(Ordering::Relaxed) as f64 {
+            0.0 => guess,
+            rate => ((rate * rtt.as_secs_f64() * 2.0) as u64).clamp(MIN_BACKLOG, MAX_BACKLOG),
+        }
+    }
+
+    /// Notes a chunk handed on: the wire and record bytes up to its end.
+    fn handed_on(&self, wire: u64, records: u64) {
+        lock(&self.handed_on).0.push_back((wire, records));
+    }
+
+    /// Wire bytes on their way to the destination, as of its last report.
+    fn on_the_way(&self) -> u64 {
+        let received = self.received_at_destination.load(Ordering::Relaxed);
+        self.wire_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(received)
+    }
+
+    /// Record bytes the destination has received and not yet done, as of
+    /// its last report. Not what is still on the link: that is the
+    /// transport's to bound, and a page sent as a delta is 4 KiB of
+    /// records in 50 bytes of link, so counting it (384 MB allowed at 500
+    /// ms) held a relay with a replica at a tenth of the link's rate.
+    fn queued_at_destination(&self) -> u64 {
+        let received = self.received_at_destination.load(Ordering::Relaxed);
+        let done = self.done_at_destination.load(Ordering::Relaxed);
+        let mut h = lock(&self.handed_on);
+        while h.0.front().is_some_and(|&(wire, _)| wire <= received) {
+            if let Some((_, records)) = h.0.pop_front() {
+                h.1 = records;
+            }
+        }
+        h.1.saturating_sub(done)
     }
 }
 
@@ -221,10 +259,12 @@ impl Manager {
             wire_bytes: Default::default(),
             id: id.clone(),
             done_at_destination: Default::default(),
-            records_sent: Default::default(),
             destination_ready: Default::default(),
             mapped_at_destination: Default::default(),
             destination_capacity: Default::default(),
+            received_at_destination: Default::default(),
+            link_budget: Default::default(),
+            handed_on: Default::default(),
         });
         lock(&self.migrations).insert(name.to_string(), control.clone());
         let result = self
@@ -333,6 +373,7 @@ impl Manager {
                 if let Some((id, digest)) = offer.footprint {
                     known.add_footprint(footprints.open(&peer, Some(&id)), digest);
                 }
+                known.mapped = offer.mapped && known.preload.is_some();
                 known
             })
             .await
@@ -564,13 +605,19 @@ impl Manager {
         let watch = async {
             let t0 = Instant::now();
             let mut pace = Pace::default();
+            // The rate at which the stream reaches the destination (wire
+            // bytes): the relay keeps what is on its way to what arrives in
+            // an RTT and half the downtime limit (see `encode_stream`).
+            let mut delivery = Pace::default();
             loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 let done = control.done_at_destination.load(Ordering::Relaxed);
-                let behind = control
-                    .records_sent
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(done);
+                let received = control.received_at_destination.load(Ordering::Relaxed);
+                delivery.update(Instant::now(), received);
+                let on_the_way = delivery.best * (rtt.as_secs_f64() + limit as f64 / 2000.0);
+                control
+                    .link_budget
+                    .store(on_the_way as u64, Ordering::Relaxed);
                 if !hold && control.destination_ready.load(Ordering::Relaxed) {
                     // QEMU switches over when what is dirty would take less
                     // than the downtime limit at the switch-over bandwidth:
@@ -585,7 +632,8 @@ impl Manager {
                     }
                 }
                 let ready = control.destination_ready.load(Ordering::Relaxed);
-                if hold && ready && behind <= control.backlog(backlog, rtt) {
+                let queued = control.queued_at_destination();
+                if hold && ready && queued <= control.backlog(backlog, rtt) {
                     let p = json!({
                         "avail-switchover-bandwidth": 0,
                         "cpu-throttle-initial": 20,
@@ -662,7 +710,11 @@ impl Manager {
                 Ok(Err(e)) => Err(crate::format_chain(&e)),
                 Err(e) => Err(e.to_string()),
             };
-            session.close();
+            // Kept open for the next transfer to the peer if it went well
+            // (see `Peers::data_session`).
+            if r.is_err() {
+                session.close();
+            }
             r
         });
         let mut stop_unix_us = None;
@@ -720,6 +772,7 @@ impl Manager {
                 let answer = dwcp_hde::wire::Offer {
                     preload: offer.preload.as_ref().map(|(theirs, _)| theirs.clone()),
                     footprint: offer.footprint.as_ref().map(|f| (f.id.clone(), f.digest)),
+                    mapped: offer.preload.is_some() && offer.image.is_some(),
                     // With a preload the source has the pages.
                     pages: match offer.preload {
                         Some(_) => Vec::new(),
@@ -752,6 +805,9 @@ impl Manager {
                     }
                     if let Some(r) = v["capacity"].as_u64() {
                         c.destination_capacity.store(r, Ordering::Relaxed);
+                    }
+                    if let Some(r) = v["received"].as_u64() {
+                        c.received_at_destination.fetch_max(r, Ordering::Relaxed);
                     }
                 }
                 Ok(Vec::new())
@@ -923,17 +979,17 @@ fn default_deadline(memory: u64, link: Option<(Duration, f64)>) -> Duration {
 
 /// How a migration uses the link, from its last measured RTT and goodput.
 #[derive(Clone, Debug)]
-struct Plan {
+pub(crate) struct Plan {
     rtt: Duration,
     /// zstd level of the wire stream.
     level: i32,
     /// Record bytes the destination may have still to do.
     backlog: u64,
-    transport: TransportConfig,
+    pub(crate) transport: TransportConfig,
 }
 
 impl Plan {
-    fn of(link: Option<(Duration, f64)>) -> Plan {
+    pub(crate) fn of(link: Option<(Duration, f64)>) -> Plan {
         let (rtt, rate) = link.unwrap_or((Duration::from_millis(100), 100e6));
         let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
         Plan {
@@ -943,14 +999,14 @@ impl Plan {
             // with the guest and its own CPU is what holds it back below a
             // few hundred Mbit/s. Faster links get -1.
             level: if rate < 300e6 { 2 } else { 1 },
-            // About what the destination does in five RTTs: it counts
-            // what is on the link and in the reports' way back too, and a
-            // page sent as a delta is 4 KiB of work for a few bytes of
-            // link, so with less (1.5 RTTs) the relay of a 1 GiB guest at
-            // 100 ms waited 6 s of 17 for it while the link had room, and
-            // with three RTTs the destination still waited for the source
-            // 2 s of a 3 s migration with a replica. Never far behind
-            // either: its backlog adds to the guest's pause.
+            // What the destination may have still to do until it showed
+            // its rate (see `MigrationControl::backlog`): a guess of five
+            // RTTs of its work. It counts what is on the link and in the
+            // reports' way back too, and a page sent as a delta is 4 KiB
+            // of work for a few bytes of link, so with less (1.5 RTTs) the
+            // relay of a 1 GiB guest at 100 ms waited 6 s of 17 for it
+            // while the link had room. Never far behind either: its
+            // backlog adds to the guest's pause.
             backlog: ((rtt.as_secs_f64() * 5.0 * DESTINATION_RATE) as u64)
                 .clamp(32 << 20, 384 << 20),
             transport: TransportConfig {
@@ -998,7 +1054,12 @@ const SILENCE: Duration = Duration::from_secs(30);
 /// preloads (bytes per second): its threshold stays under one page.
 const HOLD_SWITCHOVER_BPS: u64 = 8192;
 
-/// The most record bytes a destination may have still to do.
+/// Wire bytes always allowed on their way to the destination.
+const MIN_ON_THE_WAY: u64 = 1 << 20;
+
+/// Bounds on the record bytes a destination may have queued, once it
+/// showed its rate.
+const MIN_BACKLOG: u64 = 32 << 20;
 const MAX_BACKLOG: u64 = 1 << 30;
 
 /// The destination's backlog allowed while it preloads (record bytes,
@@ -1083,6 +1144,9 @@ pub(crate) struct Known {
     likely: Vec<((u16, u64), dwcp_hde::Digest)>,
     /// That footprint's migration.
     footprint: Option<String>,
+    /// Its QEMU maps the preload's main memory from a file: that part of
+    /// the preload is done before the first page comes.
+    mapped: bool,
 }
 
 impl Known {
@@ -1126,6 +1190,7 @@ fn plan_known(
         images: Vec::new(),
         likely: Vec::new(),
         footprint: None,
+        mapped: false,
     };
     if let Some(id) = preload {
         match store.page_map(&id) {
@@ -1223,11 +1288,10 @@ async fn feed_incoming(
     );
     let fed = Arc::new(Fed::default());
     let reporter = tokio::spawn(report_progress(peers, from.clone(), id, fed.clone()));
-    let r = tokio::task::spawn_blocking(move || {
-        feed_qemu(inc.chunks, qemu, &pages, offer, &from, &fed)
-    })
-    .await
-    .map_err(|e| e.to_string());
+    let r =
+        tokio::task::spawn_blocking(move || feed_qemu(inc.chunks, qemu, &pages, offer, &from, fed))
+            .await
+            .map_err(|e| e.to_string());
     reporter.abort();
     r?
 }
@@ -1245,6 +1309,8 @@ struct Fed {
     /// Record bytes per second of this side's own work since ready (see
     /// [`MigrationControl::backlog`]).
     capacity: AtomicU64,
+    /// Wire bytes received (done or queued here).
+    received: AtomicU64,
 }
 
 /// Destination: decodes the transfer into QEMU's incoming socket, first
@@ -1256,7 +1322,7 @@ fn feed_qemu(
     store: &Arc<dwcp_hde::PageStore>,
     mut offer: Offer,
     from: &str,
-    fed: &Fed,
+    fed: Arc<Fed>,
 ) -> Result<Option<Held>, String> {
     let done = &fed.done;
     let t0 = Instant::now();
@@ -1293,10 +1359,16 @@ fn feed_qemu(
     // (a preload takes seconds): the source's own flow control bounds what
     // piles up here, and the transport's acknowledgements keep flowing.
     let (tx, rx) = std::sync::mpsc::channel::<Chunk>();
-    std::thread::spawn(move || {
-        while let Some(c) = chunks.blocking_recv() {
-            if tx.send(c).is_err() {
-                break;
+    std::thread::spawn({
+        let fed = fed.clone();
+        move || {
+            while let Some(c) = chunks.blocking_recv() {
+                if let Chunk::Data(d) = &c {
+                    fed.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                if tx.send(c).is_err() {
+                    break;
+                }
             }
         }
     });
@@ -1363,6 +1435,7 @@ fn feed_qemu(
                     waiting_for_source = for_source.as_secs_f64(),
                     waiting_for_qemu = for_qemu.as_secs_f64(),
                     zero_pages_left_out = dec.zeros_skipped(),
+                    capacity = fed.capacity.load(Ordering::Relaxed),
                     "incoming stream fed to QEMU"
                 );
                 let main = dec.blocks().iter().position(|b| b.name == MAIN_RAM_BLOCK);
@@ -1402,7 +1475,8 @@ async fn report_progress(
         (last, sent_at) = (now, Instant::now());
         let mapped = fed.mapped.load(Ordering::Relaxed);
         let capacity = fed.capacity.load(Ordering::Relaxed);
-        let body = json!({ "id": id, "done": now.0, "ready": now.1, "mapped": mapped, "capacity": capacity })
+        let received = fed.received.load(Ordering::Relaxed);
+        let body = json!({ "id": id, "done": now.0, "ready": now.1, "mapped": mapped, "capacity": capacity, "received": received })
             .to_string()
             .into_bytes();
         let (peers, source) = (peers.clone(), source.clone());
@@ -1520,6 +1594,7 @@ fn encode_stream(
         .map_err(|e| e.to_string())?;
     let mut parser = StreamParser::new();
     let mut enc = WireEncoder::new(level).map_err(|e| e.to_string())?;
+    let mapped = known.mapped;
     enc.receiver_has(&known.offered, known.store.snapshot().ok());
     enc.receiver_slots(known.slots);
     if let Some((id, blocks)) = known.preload {
@@ -1565,9 +1640,9 @@ fn encode_stream(
             .stream_bytes
             .store(parser.consumed_bytes(), Ordering::Relaxed);
         if !out.is_empty() {
-            counters
-                .wire_bytes
-                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            let len = out.len() as u64;
+            let wire = counters.wire_bytes.fetch_add(len, Ordering::Relaxed) + len;
+            counters.handed_on(wire, enc.stats().record_bytes);
             let chunk = std::mem::replace(&mut out, Vec::with_capacity(2 << 20));
             let t = Instant::now();
             if tx.blocking_send(chunk).is_err() {
@@ -1578,12 +1653,12 @@ fn encode_stream(
         // Stop reading QEMU while the destination is far behind: QEMU then
         // sees the rate the whole path really has.
         let sent = enc.stats().record_bytes;
-        counters.records_sent.store(sent, Ordering::Relaxed);
         let mut last = (
             counters.done_at_destination.load(Ordering::Relaxed),
             Instant::now(),
         );
         let t = Instant::now();
+        let mut allowed;
         loop {
             let done = counters.done_at_destination.load(Ordering::Relaxed);
             // The preload counts as the records of its pages: the first
@@ -1591,11 +1666,33 @@ fn encode_stream(
             // round ends with nothing dirty, so the hold on its switch-over
             // alone does not keep the pause from waiting for the preload),
             // and starts a little before its end.
-            let allowed = match counters.destination_ready.load(Ordering::Relaxed) {
-                true => counters.backlog(backlog, rtt),
-                false => backlog.max(HOLD_BACKLOG),
+            // A preload QEMU maps is done before the first page comes,
+            // and is not waited for (an RTT for the report that says so).
+            // Once ready, what counts is what the destination has queued
+            // (see `queued_at_destination`), and what is on its way there:
+            // no more than arrives in an RTT and half the downtime limit,
+            // or the pause waits for it (with all QEMU gave handed on at
+            // once, a second and more at 500 ms RTT and 1 % loss).
+            let link = counters.link_budget.load(Ordering::Relaxed);
+            let ahead = match counters.destination_ready.load(Ordering::Relaxed) {
+                true if link > 0 && counters.on_the_way() > link.max(MIN_ON_THE_WAY) => {
+                    allowed = link.max(MIN_ON_THE_WAY);
+                    counters.on_the_way()
+                }
+                true => {
+                    allowed = counters.backlog(backlog, rtt);
+                    counters.queued_at_destination()
+                }
+                false if mapped => {
+                    allowed = backlog.max(HOLD_BACKLOG) + enc.preload_bytes();
+                    sent.saturating_sub(done)
+                }
+                false => {
+                    allowed = backlog.max(HOLD_BACKLOG);
+                    sent.saturating_sub(done)
+                }
             };
-            if sent.saturating_sub(done) <= allowed {
+            if ahead <= allowed {
                 break;
             }
             if tx.is_closed() {
@@ -1612,6 +1709,7 @@ fn encode_stream(
             tracing::debug!(
                 ms = t.elapsed().as_millis() as u64,
                 ahead = sent.saturating_sub(last.0),
+                allowed,
                 "waited for the destination"
             );
         }

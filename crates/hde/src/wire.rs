@@ -303,6 +303,8 @@ pub struct WireEncoder {
     /// `.0`, whose blocks are `.1`); `None` once announced or refused.
     preload: Option<(String, Vec<crate::BlockInfo>)>,
     preloading: bool,
+    /// What the preload counts for in the record bytes.
+    preload_bytes: u64,
     /// A run of `Same` pages not yet written: block, first index, count.
     run: Option<(u16, u64, u32)>,
 }
@@ -326,6 +328,7 @@ impl WireEncoder {
             images: Vec::new(),
             preload: None,
             preloading: false,
+            preload_bytes: 0,
             run: None,
         })
     }
@@ -381,6 +384,12 @@ impl WireEncoder {
     /// Whether the receiver was asked to preload.
     pub fn preloading(&self) -> bool {
         self.preloading
+    }
+
+    /// What the preload counts for in [`WireStats::record_bytes`] (0
+    /// without one).
+    pub fn preload_bytes(&self) -> u64 {
+        self.preload_bytes
     }
 
     pub fn stats(&self) -> WireStats {
@@ -555,7 +564,8 @@ impl WireEncoder {
         // The receiver's preload is work like the records of its pages
         // would be: it counts in `record_bytes` (the sender's flow control
         // then holds the first round back until most of it is done).
-        self.stats.record_bytes += self.slots.len() as u64 * PRELOAD_PAGE_COST;
+        self.preload_bytes = self.slots.len() as u64 * PRELOAD_PAGE_COST;
+        self.stats.record_bytes += self.preload_bytes;
         self.raw.push(TAG_PRELOAD);
         self.raw.extend_from_slice(&(id.len() as u16).to_be_bytes());
         self.raw.extend_from_slice(id.as_bytes());
@@ -1158,13 +1168,16 @@ pub struct Offer {
     /// of its index. Its pages ([`index_pages`](crate::index_pages)) are
     /// offered after `pages` if the sender holds the same footprint.
     pub footprint: Option<(String, Digest)>,
+    /// The receiver's QEMU maps the preload's main memory from a file: that
+    /// part of the preload is done before the first page comes.
+    pub mapped: bool,
     pub pages: Vec<Digest>,
 }
 
 impl Offer {
     /// Layout: be16 length and the preload id (empty: none), be16 length
     /// and the footprint id (empty: none) then its 32-byte index digest,
-    /// then the pages.
+    /// a byte (1: mapped), then the pages.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1024 + self.pages.len() * 32);
         let mut string = |s: &str| {
@@ -1179,6 +1192,7 @@ impl Offer {
             }
             None => string(""),
         }
+        out.push(self.mapped as u8);
         out.extend(self.pages.iter().flat_map(|d| d.0));
         out
     }
@@ -1201,10 +1215,16 @@ impl Offer {
             at += 32;
             Some((footprint, Digest(d.try_into().map_err(|_| bad())?)))
         };
+        let mapped = match b.get(at) {
+            Some(0) => false,
+            Some(1) => true,
+            _ => return Err(bad()),
+        };
         Ok(Offer {
             preload: (!preload.is_empty()).then_some(preload),
             footprint,
-            pages: crate::replica::decode_digests(&b[at..])?,
+            mapped,
+            pages: crate::replica::decode_digests(&b[at + 1..])?,
         })
     }
 }
@@ -1264,11 +1284,13 @@ mod delta_tests {
             Offer {
                 preload: Some("a:1".into()),
                 footprint: Some(("m-7".into(), Digest::of(b"index"))),
+                mapped: true,
                 pages: vec![Digest::of(b"x"), Digest::of(b"y")],
             },
             Offer {
                 preload: None,
                 footprint: Some(("m".into(), Digest::of(b"i"))),
+                mapped: false,
                 pages: vec![],
             },
         ];
@@ -1280,6 +1302,8 @@ mod delta_tests {
             }
         }
         assert!(Offer::decode(&[0, 1, 0xff, 0, 0]).is_err());
+        // A flag byte that is neither 0 nor 1.
+        assert!(Offer::decode(&[0, 0, 0, 0, 2]).is_err());
     }
 
     #[test]

@@ -674,6 +674,11 @@ impl Session {
         self.inner.closed.store(true, Ordering::Relaxed);
         self.inner.wake.notify_waiters();
     }
+
+    /// Whether [`close`](Self::close) was called (or the session failed).
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Relaxed) || lock(&self.inner.fatal).is_some()
+    }
 }
 
 impl Drop for ClientInner {
