@@ -133,9 +133,6 @@ pub(crate) struct MigrationControl {
     destination_capacity: AtomicU64,
     /// Wire bytes the destination reported received.
     received_at_destination: AtomicU64,
-    /// Wire bytes that reach the destination in an RTT and half the
-    /// downtime limit, at the best rate seen (0: none seen yet).
-    link_budget: AtomicU64,
     /// Per chunk handed on and not yet known received: the wire bytes and
     /// the record bytes handed on up to its end; and the record bytes up to
     /// the last chunk known received.
@@ -161,14 +158,6 @@ impl MigrationControl {
     /// Notes a chunk handed on: the wire and record bytes up to its end.
     fn handed_on(&self, wire: u64, records: u64) {
         lock(&self.handed_on).0.push_back((wire, records));
-    }
-
-    /// Wire bytes on their way to the destination, as of its last report.
-    fn on_the_way(&self) -> u64 {
-        let received = self.received_at_destination.load(Ordering::Relaxed);
-        self.wire_bytes
-            .load(Ordering::Relaxed)
-            .saturating_sub(received)
     }
 
     /// Record bytes the destination has received and not yet done, as of
@@ -263,7 +252,6 @@ impl Manager {
             mapped_at_destination: Default::default(),
             destination_capacity: Default::default(),
             received_at_destination: Default::default(),
-            link_budget: Default::default(),
             handed_on: Default::default(),
         });
         lock(&self.migrations).insert(name.to_string(), control.clone());
@@ -605,19 +593,9 @@ impl Manager {
         let watch = async {
             let t0 = Instant::now();
             let mut pace = Pace::default();
-            // The rate at which the stream reaches the destination (wire
-            // bytes): the relay keeps what is on its way to what arrives in
-            // an RTT and half the downtime limit (see `encode_stream`).
-            let mut delivery = Pace::default();
             loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 let done = control.done_at_destination.load(Ordering::Relaxed);
-                let received = control.received_at_destination.load(Ordering::Relaxed);
-                delivery.update(Instant::now(), received);
-                let on_the_way = delivery.best * (rtt.as_secs_f64() + limit as f64 / 2000.0);
-                control
-                    .link_budget
-                    .store(on_the_way as u64, Ordering::Relaxed);
                 if !hold && control.destination_ready.load(Ordering::Relaxed) {
                     // QEMU switches over when what is dirty would take less
                     // than the downtime limit at the switch-over bandwidth:
@@ -1053,9 +1031,6 @@ const SILENCE: Duration = Duration::from_secs(30);
 /// What QEMU is told the switch-over's bandwidth is while the destination
 /// preloads (bytes per second): its threshold stays under one page.
 const HOLD_SWITCHOVER_BPS: u64 = 8192;
-
-/// Wire bytes always allowed on their way to the destination.
-const MIN_ON_THE_WAY: u64 = 1 << 20;
 
 /// Bounds on the record bytes a destination may have queued, once it
 /// showed its rate.
@@ -1669,16 +1644,9 @@ fn encode_stream(
             // A preload QEMU maps is done before the first page comes,
             // and is not waited for (an RTT for the report that says so).
             // Once ready, what counts is what the destination has queued
-            // (see `queued_at_destination`), and what is on its way there:
-            // no more than arrives in an RTT and half the downtime limit,
-            // or the pause waits for it (with all QEMU gave handed on at
-            // once, a second and more at 500 ms RTT and 1 % loss).
-            let link = counters.link_budget.load(Ordering::Relaxed);
+            // (see `queued_at_destination`); what is on the link is the
+            // transport's to bound.
             let ahead = match counters.destination_ready.load(Ordering::Relaxed) {
-                true if link > 0 && counters.on_the_way() > link.max(MIN_ON_THE_WAY) => {
-                    allowed = link.max(MIN_ON_THE_WAY);
-                    counters.on_the_way()
-                }
                 true => {
                     allowed = counters.backlog(backlog, rtt);
                     counters.queued_at_destination()
