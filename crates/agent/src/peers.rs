@@ -157,25 +157,37 @@ impl Peers {
         let _ = self.handler.set(manager);
     }
 
-    /// A session to `peer`, reused while it lives.
+    /// A session to `peer` for requests and answers, reused while it lives.
     async fn session(&self, peer: &str) -> Result<Session, PeerError> {
+        self.kept_session(&self.sessions, peer, TransportConfig::default())
+            .await
+    }
+
+    /// The session to `peer` kept in `kept`, if it is open and has a
+    /// connection up; else a new one opened with `cfg`, kept there.
+    async fn kept_session(
+        &self,
+        kept: &tokio::sync::Mutex<BTreeMap<String, Session>>,
+        peer: &str,
+        cfg: TransportConfig,
+    ) -> Result<Session, PeerError> {
         let addr = *self
             .addrs
             .get(peer)
             .ok_or_else(|| PeerError::Unknown(peer.to_string()))?;
-        let mut sessions = self.sessions.lock().await;
-        if let Some(s) = sessions.get(peer) {
-            if s.streams() > 0 {
+        let mut kept = kept.lock().await;
+        if let Some(s) = kept.get(peer) {
+            if !s.is_closed() && s.streams() > 0 {
                 return Ok(s.clone());
             }
         }
-        let s = Session::connect(addr, &self.identity, Some(peer), TransportConfig::default())
+        let s = Session::connect(addr, &self.identity, Some(peer), cfg)
             .await
             .map_err(|source| PeerError::Transport {
                 peer: peer.to_string(),
                 source,
             })?;
-        sessions.insert(peer.to_string(), s.clone());
+        kept.insert(peer.to_string(), s.clone());
         Ok(s)
     }
 
@@ -204,24 +216,7 @@ impl Peers {
         peer: &str,
         cfg: TransportConfig,
     ) -> Result<Session, PeerError> {
-        let addr = *self
-            .addrs
-            .get(peer)
-            .ok_or_else(|| PeerError::Unknown(peer.to_string()))?;
-        let mut bulk = self.bulk.lock().await;
-        if let Some(s) = bulk.get(peer) {
-            if !s.is_closed() && s.streams() > 0 {
-                return Ok(s.clone());
-            }
-        }
-        let s = Session::connect(addr, &self.identity, Some(peer), cfg)
-            .await
-            .map_err(|source| PeerError::Transport {
-                peer: peer.to_string(),
-                source,
-            })?;
-        bulk.insert(peer.to_string(), s.clone());
-        Ok(s)
+        self.kept_session(&self.bulk, peer, cfg).await
     }
 
     /// The last measured link to `peer`: RTT and goodput.
