@@ -1633,7 +1633,7 @@ fn encode_stream(
             Instant::now(),
         );
         let t = Instant::now();
-        let mut allowed;
+        let (mut ahead, mut allowed);
         loop {
             let done = counters.done_at_destination.load(Ordering::Relaxed);
             // The preload counts as the records of its pages: the first
@@ -1646,7 +1646,7 @@ fn encode_stream(
             // Once ready, what counts is what the destination has queued
             // (see `queued_at_destination`); what is on the link is the
             // transport's to bound.
-            let ahead = match counters.destination_ready.load(Ordering::Relaxed) {
+            ahead = match counters.destination_ready.load(Ordering::Relaxed) {
                 true => {
                     allowed = counters.backlog(backlog, rtt);
                     counters.queued_at_destination()
@@ -1676,7 +1676,7 @@ fn encode_stream(
         if t.elapsed() > Duration::from_millis(50) {
             tracing::debug!(
                 ms = t.elapsed().as_millis() as u64,
-                ahead = sent.saturating_sub(last.0),
+                ahead,
                 allowed,
                 "waited for the destination"
             );
