@@ -644,6 +644,13 @@ fn base_of<'a>(
     Some((Ref::Known(i), std::borrow::Cow::Owned(*p), Some(*d)))
 }
 
+/// Whether page `index` is marked in a block's bits (pages outside them
+/// are not).
+fn held_bit(bits: &[u64], index: u64) -> bool {
+    bits.get((index / 64) as usize)
+        .is_some_and(|w| w & (1 << (index % 64)) != 0)
+}
+
 fn verbatim(out: &mut Vec<u8>, tail: u8, kind: u8, bytes: &[u8]) {
     out.push(TAG_VERBATIM);
     out.push(tail);
@@ -772,8 +779,7 @@ impl WireDecoder {
             && self
                 .held
                 .get(block as usize)
-                .and_then(|bits| bits.get((index / 64) as usize))
-                .is_some_and(|w| w & (1 << (index % 64)) == 0)
+                .is_some_and(|bits| index < bits.len() as u64 * 64 && !held_bit(bits, index))
     }
 
     /// The pages of `block` both sides hold at the end of the stream.
@@ -1054,10 +1060,7 @@ impl WireDecoder {
                 for i in first..first.saturating_add(n) {
                     // The QEMU holds its preloaded version again.
                     self.cache.forget((block, i));
-                    let held = bits
-                        .get((i / 64) as usize)
-                        .is_some_and(|w| w & (1 << (i % 64)) != 0);
-                    if !held {
+                    if !held_bit(bits, i) {
                         return Err(HdeError::Stream(format!(
                             "page {i} of block {block} said to be here already, and it is not"
                         )));
