@@ -990,8 +990,13 @@ impl Plan {
             transport: TransportConfig {
                 // At 500 ms RTT two connections took 8 s to reach the
                 // link's rate, eight 5 s (`dwcp transfer send --streams`,
-                // 300 MB, 200 Mbit/s, 1 % loss).
-                auto_start: (rtt.as_millis() as usize / 80).clamp(2, 8),
+                // 300 MB, 200 Mbit/s, 1 % loss). At 100 ms one BBR
+                // connection fills the link, and a second one (with the
+                // relay's CPU-bound, bursty writes) overflowed the
+                // bottleneck's queue: a 1 GiB migration put 335 MB on the
+                // link with one connection, 339-463 MB with two, and took
+                // 15-17 s against 17-18 s.
+                auto_start: (rtt.as_millis() as usize / 80).clamp(1, 8),
                 // The window covers what is in flight while losses are
                 // repaired: a frame held up by one holds the in-order point
                 // for an RTT or more, on some connection nearly always.

@@ -996,6 +996,9 @@ async fn supervise(inner: Arc<ClientInner>) {
     let mut last_eval = Instant::now();
     let mut last_acked = lock(&inner.core).stats().bytes_acked;
     let mut was_busy = false;
+    // Looks at the sender since the last evaluation: all, and those that
+    // found data waiting.
+    let mut looks = (0u32, 0u32);
     loop {
         if inner.closed.load(Ordering::Relaxed) || lock(&inner.fatal).is_some() {
             return;
@@ -1036,15 +1039,20 @@ async fn supervise(inner: Arc<ClientInner>) {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
-        // Stream-count control, once per interval while data flows.
+        // Stream-count control, once per interval in which the link, not
+        // the sender, was the limit: data waited to be sent at nearly every
+        // look (a sender slower than the link gains nothing from more
+        // connections, and its goodput's ups and downs read as gains and
+        // losses).
         let rtt = (*lock(&inner.rtt)).unwrap_or(Duration::from_millis(100));
         let interval = (rtt * 8).clamp(Duration::from_millis(500), Duration::from_secs(4));
+        looks.0 += 1;
+        looks.1 += lock(&inner.core).has_pending() as u32;
         if last_eval.elapsed() >= interval {
-            let (acked, busy) = {
-                let c = lock(&inner.core);
-                (c.stats().bytes_acked, c.has_pending())
-            };
+            let acked = lock(&inner.core).stats().bytes_acked;
             let rate = (acked - last_acked) as f64 * 8.0 / last_eval.elapsed().as_secs_f64();
+            let busy = looks.1 * 10 >= looks.0 * 9;
+            looks = (0, 0);
             last_acked = acked;
             last_eval = Instant::now();
             if busy && was_busy {
