@@ -1591,6 +1591,7 @@ fn encode_stream(
     // link, for the destination.
     let t0 = Instant::now();
     let mut waited = [Duration::ZERO; 3];
+    let mut last_log = t0;
     loop {
         let t = Instant::now();
         let read = conn.read(&mut buf);
@@ -1687,6 +1688,19 @@ fn encode_stream(
             );
         }
         waited[2] += t.elapsed();
+        if last_log.elapsed() >= Duration::from_secs(1) {
+            last_log = Instant::now();
+            let [qemu, link, destination] = waited.map(|d| d.as_secs_f64());
+            tracing::debug!(
+                secs = t0.elapsed().as_secs_f64(),
+                stream_bytes = parser.consumed_bytes(),
+                wire_bytes = counters.wire_bytes.load(Ordering::Relaxed),
+                waiting_for_qemu = qemu,
+                waiting_for_link = link,
+                waiting_for_destination = destination,
+                "relay progress"
+            );
+        }
     }
     parser.finish().map_err(|e| format!("QEMU's stream: {e}"))?;
     drop(tx);
