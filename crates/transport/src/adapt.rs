@@ -11,7 +11,9 @@
 
 /// A change must raise goodput by this share to count.
 pub const GAIN: f64 = 0.08;
-/// Intervals to wait after a probe failed.
+/// Intervals to wait after a probe failed; after each further probe up in a
+/// row that fails, twice as long, up to 16 times (each probe up starts a
+/// connection, whose start-up overfills the bottleneck's queue a little).
 const HOLD: u32 = 5;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +36,8 @@ pub struct StreamController {
     probing: Option<Probe>,
     hold: u32,
     next_probe: Probe,
+    /// Probes up in a row that found no gain.
+    failed_ups: u32,
 }
 
 fn mbit(bps: f64) -> String {
@@ -49,6 +53,7 @@ impl StreamController {
             probing: None,
             hold: 0,
             next_probe: Probe::Up,
+            failed_ups: 0,
         }
     }
 
@@ -57,6 +62,7 @@ impl StreamController {
         self.base = None;
         self.probing = None;
         self.hold = 0;
+        self.failed_ups = 0;
     }
 
     /// One interval's goodput (bit/s) with `streams` connections.
@@ -72,6 +78,7 @@ impl StreamController {
             Some(Probe::Up) => {
                 if rate > base_rate * (1.0 + GAIN) {
                     self.base = Some((streams, rate));
+                    self.failed_ups = 0;
                     if streams < self.max {
                         self.probing = Some(Probe::Up);
                         return Decision::Set {
@@ -85,7 +92,8 @@ impl StreamController {
                     }
                     return Decision::Hold;
                 }
-                self.hold = HOLD;
+                self.hold = HOLD << self.failed_ups.min(4);
+                self.failed_ups += 1;
                 self.next_probe = Probe::Down;
                 Decision::Set {
                     streams: base_n,
@@ -208,6 +216,22 @@ mod tests {
         }
         assert_eq!(n, 1);
         assert!(most <= 2, "{most}");
+    }
+
+    #[test]
+    fn probes_that_find_nothing_come_ever_less_often() {
+        // One stream fills the link: each probe up fails, and the pause
+        // before the next doubles (5, 10, 20, 40 intervals).
+        let mut c = StreamController::new((1, 16));
+        let (mut n, mut ups) = (1, 0);
+        for _ in 0..100 {
+            if let Decision::Set { streams, .. } = c.observe(n, 100e6) {
+                ups += (streams > n) as u32;
+                n = streams;
+            }
+        }
+        assert_eq!(n, 1);
+        assert!((3..=5).contains(&ups), "{ups} probes up");
     }
 
     #[test]
