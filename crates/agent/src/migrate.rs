@@ -133,10 +133,21 @@ pub(crate) struct MigrationControl {
     destination_capacity: AtomicU64,
     /// Wire bytes the destination reported received.
     received_at_destination: AtomicU64,
+    /// QEMU is past its first round, or near its end: it may stop the
+    /// guest at the end of any round from here on.
+    near_the_end: AtomicBool,
+    /// The relay's own pace on pages that are not `Same` (what a final
+    /// round is made of): stream bytes per second of its work, and wire
+    /// bytes per million stream bytes of them (see [`RelayCost`]).
+    source_rate: AtomicU64,
+    wire_per_million: AtomicU64,
     /// Per chunk handed on and not yet known received: the wire bytes and
     /// the record bytes handed on up to its end; and the record bytes up to
     /// the last chunk known received.
     handed_on: Mutex<(std::collections::VecDeque<(u64, u64)>, u64)>,
+    /// When chunks were handed on, with the record bytes up to their end
+    /// (the last [`SENT_HISTORY`]).
+    sent_at: Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
 
 impl MigrationControl {
@@ -155,9 +166,44 @@ impl MigrationControl {
         }
     }
 
+    /// Record bytes the destination may have still to do, on the link or
+    /// queued, near the end of QEMU's first round and after: half the
+    /// downtime limit of
+    /// its work (at least [`MIN_FINAL_BACKLOG`]). What is left is QEMU's.
+    fn final_backlog(&self, limit: Duration) -> u64 {
+        let rate = match self.destination_capacity.load(Ordering::Relaxed) {
+            0 => DESTINATION_RATE,
+            r => r as f64,
+        };
+        ((rate * limit.as_secs_f64() / 2.0) as u64).max(MIN_FINAL_BACKLOG)
+    }
+
     /// Notes a chunk handed on: the wire and record bytes up to its end.
     fn handed_on(&self, wire: u64, records: u64) {
         lock(&self.handed_on).0.push_back((wire, records));
+        let now = Instant::now();
+        let mut sent = lock(&self.sent_at);
+        sent.push_back((now, records));
+        while sent.len() > 2 && now - sent[1].0 > SENT_HISTORY {
+            sent.pop_front();
+        }
+    }
+
+    /// Record bytes the destination has not done of those handed on more
+    /// than `pipe` ago (a round trip and a little: what the destination
+    /// had time to get, do and report). Those are held up behind a lost
+    /// packet or queued there, and the pause would wait for them; the
+    /// newer ones are on their way, as the last round's pages will be.
+    fn behind_beyond_pipe(&self, pipe: Duration) -> u64 {
+        let Some(before) = Instant::now().checked_sub(pipe) else {
+            return 0;
+        };
+        let sent = lock(&self.sent_at)
+            .iter()
+            .take_while(|(t, _)| *t <= before)
+            .last()
+            .map_or(0, |&(_, records)| records);
+        sent.saturating_sub(self.done_at_destination.load(Ordering::Relaxed))
     }
 
     /// Record bytes the destination has received and not yet done, as of
@@ -252,7 +298,11 @@ impl Manager {
             mapped_at_destination: Default::default(),
             destination_capacity: Default::default(),
             received_at_destination: Default::default(),
+            near_the_end: Default::default(),
+            source_rate: Default::default(),
+            wire_per_million: Default::default(),
             handed_on: Default::default(),
+            sent_at: Default::default(),
         });
         lock(&self.migrations).insert(name.to_string(), control.clone());
         let result = self
@@ -408,8 +458,6 @@ impl Manager {
             stats,
             preloaded,
             confirmed,
-            rounds,
-            downtime,
             stop_unix_us,
             held,
         } = match sent {
@@ -424,14 +472,15 @@ impl Manager {
         let paused_at = Instant::now();
         tracing::debug!("QEMU completed: asking the destination to commit");
         lock(&control.progress).status = "switch-over".into();
-        let (commit, confirmed) = tokio::join!(
+        let (commit, confirmed, (rounds, downtime)) = tokio::join!(
             peers.request(
                 to,
                 "migrate-commit",
                 json!({ "id": id }).to_string().into_bytes(),
                 Duration::from_secs(90),
             ),
-            confirmed
+            confirmed,
+            Self::qemu_figures(&qmp),
         );
         if let Err(e) = confirmed {
             // The destination's answer says whether it has it all.
@@ -520,31 +569,34 @@ impl Manager {
             level,
             backlog,
             rtt,
+            link_rate,
             ..
         } = *plan;
         let q = |e: dwcp_hypervisor::QmpError| e.to_string();
         qmp.execute("migrate-set-capabilities", Some(capabilities()))
             .await
             .map_err(q)?;
-        let limit = (rtt.as_millis() as u64).clamp(300, 2000);
+        let limit = Duration::from_millis((rtt.as_millis() as u64).clamp(300, 2000));
         // While the destination preloads its replica, QEMU may not switch
-        // over (the pause would wait for the preload). Telling it the
-        // switch-over has 8 KB/s makes its threshold less than a page, so
-        // it goes on with its rounds until the destination is ready (see
-        // the watcher). (A downtime limit of 0 does not hold it: QEMU
+        // over (the pause would wait for the preload), nor during its
+        // first round (see [`SwitchOver`]). Telling it the switch-over has
+        // 8 KB/s makes its threshold less than a page, so it goes on with
+        // its rounds. (A downtime limit of 0 does not hold it: QEMU
         // completes whenever its estimate of what is left reads 0, as it
         // does at the end of every round.)
-        let mut hold = known.preload.is_some();
+        let mut preloading = known.preload.is_some();
+        let mut switchover = SwitchOver::new(limit, link_rate);
         qmp.execute(
             "migrate-set-parameters",
             Some(json!({
                 "max-bandwidth": 64u64 << 30,
-                "downtime-limit": limit,
-                "avail-switchover-bandwidth": if hold { HOLD_SWITCHOVER_BPS } else { 0 },
+                "downtime-limit": limit.as_millis() as u64,
+                "avail-switchover-bandwidth": HOLD_SWITCHOVER_BPS,
                 // Nor may auto-converge throttle the guest to a standstill
-                // meanwhile (nothing dirty completes the migration too).
-                "cpu-throttle-initial": if hold { 1 } else { 20 },
-                "max-cpu-throttle": if hold { 1 } else { 99 },
+                // while the preload goes on (nothing dirty completes the
+                // migration too).
+                "cpu-throttle-initial": if preloading { 1 } else { 20 },
+                "max-cpu-throttle": if preloading { 1 } else { 99 },
             })),
         )
         .await
@@ -568,7 +620,7 @@ impl Manager {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
         let counters = control.clone();
         let encoder = tokio::task::spawn_blocking(move || {
-            encode_stream(conn, tx, &counters, known, level, (backlog, rtt))
+            encode_stream(conn, tx, &counters, known, level, (backlog, rtt, limit))
         });
         let transfer = tokio::spawn({
             let (session, name) = (session.clone(), format!("migrate/{id}"));
@@ -592,50 +644,69 @@ impl Manager {
         let mut cancel = control.cancel.subscribe();
         let watch = async {
             let t0 = Instant::now();
-            let mut pace = Pace::default();
             loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let done = control.done_at_destination.load(Ordering::Relaxed);
-                if !hold && control.destination_ready.load(Ordering::Relaxed) {
-                    // QEMU switches over when what is dirty would take less
-                    // than the downtime limit at the switch-over bandwidth:
-                    // the whole path's, not what QEMU measures (pages the
-                    // destination holds go by at GB/s, and with a replica
-                    // its estimate gave 1 s pauses).
-                    if let Some(bps) = pace.update(Instant::now(), done) {
-                        let p = json!({ "avail-switchover-bandwidth": bps });
-                        if qmp.execute("migrate-set-parameters", Some(p)).await.is_ok() {
-                            tracing::debug!(bps, "switch-over bandwidth");
-                        }
-                    }
-                }
+                tokio::time::sleep(WATCH_INTERVAL).await;
                 let ready = control.destination_ready.load(Ordering::Relaxed);
                 let queued = control.queued_at_destination();
-                if hold && ready && queued <= control.backlog(backlog, rtt) {
-                    let p = json!({
-                        "avail-switchover-bandwidth": 0,
-                        "cpu-throttle-initial": 20,
-                        "max-cpu-throttle": 99,
-                    });
+                if preloading && ready && queued <= control.backlog(backlog, rtt) {
+                    let p = json!({ "cpu-throttle-initial": 20, "max-cpu-throttle": 99 });
                     if qmp.execute("migrate-set-parameters", Some(p)).await.is_ok() {
                         tracing::info!("the destination is ready: switch-over allowed");
-                        hold = false;
+                        preloading = false;
                     }
                 }
-                if let Ok(s) = qmp.execute("query-migrate", None).await {
-                    let ram = &s["ram"];
-                    let rate = ram["mbps"].as_f64().unwrap_or(0.0) * 1e6;
-                    let remaining = ram["remaining"].as_u64().unwrap_or(0);
-                    let mut p = lock(&control.progress);
-                    p.status = s["status"].as_str().unwrap_or("?").into();
-                    p.round = ram["dirty-sync-count"].as_u64().unwrap_or(0);
-                    p.stream_bytes = ram["transferred"].as_u64().unwrap_or(0);
-                    p.remaining_bytes = remaining;
-                    p.rate_bps = rate;
-                    p.expected_downtime_ms = s["expected-downtime"].as_u64().unwrap_or(0);
-                    p.elapsed_secs = t0.elapsed().as_secs_f64();
-                    p.eta_secs = (rate > 0.0).then(|| remaining as f64 * 8.0 / rate);
+                let Ok(s) = qmp.execute("query-migrate", None).await else {
+                    continue;
+                };
+                let ram = &s["ram"];
+                let rate = ram["mbps"].as_f64().unwrap_or(0.0) * 1e6;
+                let remaining = ram["remaining"].as_u64().unwrap_or(0);
+                let round = ram["dirty-sync-count"].as_u64().unwrap_or(0);
+                // Less than what QEMU sends in three of these looks is left
+                // of the first round: what the destination has to do is
+                // bounded from here on (see `encode_stream`).
+                if round >= 2
+                    || (remaining as f64) < rate / 8.0 * 3.0 * WATCH_INTERVAL.as_secs_f64()
+                {
+                    control.near_the_end.store(true, Ordering::Relaxed);
                 }
+                let path = Path {
+                    round,
+                    ready: ready && !preloading,
+                    source_rate: control.source_rate.load(Ordering::Relaxed) as f64,
+                    destination_rate: control.destination_capacity.load(Ordering::Relaxed) as f64,
+                    wire_per_stream_byte: control.wire_per_million.load(Ordering::Relaxed) as f64
+                        / 1e6,
+                    received_wire_bytes: control.received_at_destination.load(Ordering::Relaxed),
+                    behind_at_destination: control.behind_beyond_pipe(pipe_of(rtt)),
+                };
+                if let Some(bps) = switchover.update(Instant::now(), &path) {
+                    let p = json!({ "avail-switchover-bandwidth": bps });
+                    if qmp
+                        .execute("migrate-set-parameters", Some(p))
+                        .await
+                        .is_err()
+                    {
+                        switchover.forget_told();
+                    }
+                }
+                tracing::debug!(
+                    round,
+                    remaining,
+                    qemu_mbps = rate / 1e6,
+                    told_bps = switchover.told(),
+                    ?path,
+                    "migration status"
+                );
+                let mut p = lock(&control.progress);
+                p.status = s["status"].as_str().unwrap_or("?").into();
+                p.round = round;
+                p.stream_bytes = ram["transferred"].as_u64().unwrap_or(0);
+                p.remaining_bytes = remaining;
+                p.rate_bps = rate;
+                p.expected_downtime_ms = s["expected-downtime"].as_u64().unwrap_or(0);
+                p.elapsed_secs = t0.elapsed().as_secs_f64();
+                p.eta_secs = (rate > 0.0).then(|| remaining as f64 * 8.0 / rate);
             }
         };
         let outcome = tokio::select! {
@@ -653,19 +724,16 @@ impl Manager {
             }
             _ = watch => Err("the progress watcher ended".to_string()),
         };
+        let mut stop_unix_us = None;
         let ended = async {
             let stats = outcome?;
-            let status = qmp.execute("query-migrate", None).await.map_err(q)?;
-            if status["status"] != "completed" {
-                return Err(format!("QEMU's migration ended {}", status["status"]));
-            }
-            Ok((stats, status))
+            completed(qmp, &mut events, &mut stop_unix_us).await?;
+            Ok::<_, String>(stats)
         };
-        let (encoded, status) = ended.await.inspect_err(|_| {
+        let encoded = ended.await.inspect_err(|_| {
             session.close();
             transfer.abort();
         })?;
-        let rounds = status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
         let Encoded {
             stats,
             preloaded,
@@ -695,23 +763,24 @@ impl Manager {
             }
             r
         });
-        let mut stop_unix_us = None;
-        loop {
-            match events.try_recv() {
-                Ok(ev) if ev.name == "STOP" => stop_unix_us = ev.timestamp_us,
-                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
-            }
-        }
         Ok(Sent {
             stats,
             preloaded,
             held,
             confirmed,
-            rounds,
-            downtime: status["downtime"].as_u64(),
             stop_unix_us,
         })
+    }
+
+    /// QEMU's rounds and own downtime figure, once it completed.
+    async fn qemu_figures(qmp: &Qmp) -> (u64, Option<u64>) {
+        match qmp.execute("query-migrate", None).await {
+            Ok(s) => (
+                s["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+                s["downtime"].as_u64(),
+            ),
+            Err(_) => (0, None),
+        }
     }
 
     /// Destination side of requests.
@@ -959,6 +1028,8 @@ fn default_deadline(memory: u64, link: Option<(Duration, f64)>) -> Duration {
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
     rtt: Duration,
+    /// The link's goodput as last measured (bytes per second), if it was.
+    link_rate: Option<f64>,
     /// zstd level of the wire stream.
     level: i32,
     /// Record bytes the destination may have still to do.
@@ -972,6 +1043,7 @@ impl Plan {
         let bdp = (rate / 8.0 * rtt.as_secs_f64()) as u64;
         Plan {
             rtt,
+            link_rate: link.map(|(_, bps)| bps / 8.0),
             // zstd -2: on text about as fast as -1 for 4 % fewer bytes, and
             // 40 % faster than -3 for 3 % more; the relay shares its cores
             // with the guest and its own CPU is what holds it back below a
@@ -1042,42 +1114,208 @@ const HOLD_SWITCHOVER_BPS: u64 = 8192;
 const MIN_BACKLOG: u64 = 32 << 20;
 const MAX_BACKLOG: u64 = 1 << 30;
 
+/// How far back the source remembers when it handed on what (see
+/// [`MigrationControl::behind_beyond_pipe`]).
+const SENT_HISTORY: Duration = Duration::from_secs(5);
+
+/// What the destination had time to get, do and report of what was sent:
+/// a round trip, a quarter more, and its report interval.
+fn pipe_of(rtt: Duration) -> Duration {
+    rtt + rtt / 4 + Duration::from_millis(50)
+}
+
+/// The least the destination may have still to do near the end of QEMU's
+/// first round and after it
+/// (record bytes; see [`MigrationControl::final_backlog`]).
+const MIN_FINAL_BACKLOG: u64 = 16 << 20;
+
 /// The destination's backlog allowed while it preloads (record bytes,
 /// the preload's pages counted): the first round starts when about this
 /// much of the preload is left.
 const HOLD_BACKLOG: u64 = 128 << 20;
 
-/// The rate at which the destination gets through the stream (record
-/// bytes, which count a page sent as a reference or a delta as a page): the
-/// best over windows of a second, once it is ready.
-#[derive(Default)]
-struct Pace {
-    samples: std::collections::VecDeque<(Instant, u64)>,
-    best: f64,
-    /// The rate last handed to QEMU.
-    told: u64,
+/// Waits for QEMU's word that its migration completed: its `MIGRATION`
+/// event, which is usually there already when the relay has read the
+/// stream to its end (QEMU closes the socket after it); a query costs a
+/// monitor round trip, 100 ms on a busy QEMU, and the commit waits for it.
+/// Notes the guest's `STOP` on the way.
+async fn completed(
+    qmp: &Qmp,
+    events: &mut tokio::sync::broadcast::Receiver<dwcp_hypervisor::QmpEvent>,
+    stop_unix_us: &mut Option<u64>,
+) -> Result<(), String> {
+    use tokio::sync::broadcast::error::RecvError;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(ev)) if ev.name == "STOP" => *stop_unix_us = ev.timestamp_us,
+            Ok(Ok(ev)) if ev.name == "MIGRATION" => match ev.data["status"].as_str() {
+                Some("completed") => return Ok(()),
+                Some(s @ ("failed" | "cancelled")) => {
+                    return Err(format!("QEMU's migration ended {s:?}"))
+                }
+                _ => {}
+            },
+            Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+            // No event (QEMU's monitor gone quiet, events lost): ask.
+            Ok(Err(RecvError::Closed)) | Err(_) => break,
+        }
+    }
+    let status = qmp
+        .execute("query-migrate", None)
+        .await
+        .map_err(|e| e.to_string())?;
+    match status["status"].as_str() {
+        Some("completed") => Ok(()),
+        _ => Err(format!("QEMU's migration ended {}", status["status"])),
+    }
 }
 
-impl Pace {
-    /// Takes the destination's progress at `now`; a new rate for QEMU
-    /// when the best changed by a fifth or more.
-    fn update(&mut self, now: Instant, done: u64) -> Option<u64> {
-        self.samples.push_back((now, done));
+/// How often the source looks at QEMU's progress and retunes its
+/// switch-over.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The best rate of a growing counter over windows of about a second.
+#[derive(Default)]
+struct BestRate {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+    best: f64,
+}
+
+impl BestRate {
+    /// Takes the counter's value at `now`; returns the best rate so far
+    /// (per second).
+    fn update(&mut self, now: Instant, count: u64) -> f64 {
+        self.samples.push_back((now, count));
         while self.samples.len() > 2 && now - self.samples[1].0 >= Duration::from_secs(1) {
             self.samples.pop_front();
         }
-        let (t, d) = *self.samples.front()?;
-        let secs = (now - t).as_secs_f64();
-        if secs < 0.9 {
-            return None;
+        if let Some(&(t, c)) = self.samples.front() {
+            let secs = (now - t).as_secs_f64();
+            if secs >= 0.9 {
+                self.best = self.best.max(count.saturating_sub(c) as f64 / secs);
+            }
         }
-        self.best = self.best.max(done.saturating_sub(d) as f64 / secs);
-        let best = self.best as u64;
-        let changed = best.abs_diff(self.told) * 5 > self.told;
-        (best > 0 && changed).then(|| {
-            self.told = best;
-            best
+        self.best
+    }
+}
+
+/// What the source knows of the path, for [`SwitchOver::update`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Path {
+    /// QEMU's dirty-sync count: 1 during the first round.
+    round: u64,
+    /// The destination is past its preload (if any) and the source's hold
+    /// for it.
+    ready: bool,
+    /// Stream bytes per second the relay gets through on pages it sends
+    /// (not `Same`): deltas, references, whole pages.
+    source_rate: f64,
+    /// Record bytes per second of the destination's own work.
+    destination_rate: f64,
+    /// Wire bytes per stream byte of such pages.
+    wire_per_stream_byte: f64,
+    /// Wire bytes the destination has received.
+    received_wire_bytes: u64,
+    /// Record bytes handed on more than a round trip ago and not yet done
+    /// at the destination: held up behind a lost packet, or queued there.
+    behind_at_destination: u64,
+}
+
+/// Chooses what QEMU is told the switch-over's bandwidth is. QEMU stops
+/// the guest once what is dirty would take less than its downtime limit at
+/// that rate; what the pause really is, is the time the path (the relay,
+/// the link, the destination) takes for those pages, plus the
+/// destination's backlog, plus the way across. So QEMU is told:
+///
+/// - nothing it could switch over on (8 KB/s: less than a page within the
+///   limit) during its first round (a relay that skips the pages a replica
+///   holds reads it at GB/s, and QEMU then stopped the guest with the rest
+///   of the round unsent) and while the destination preloads;
+/// - then the slowest of the path's three stages for pages that travel:
+///   the relay's own rate on them, the destination's, and the link's rate
+///   over the wire bytes such a page takes (the best second of wire bytes
+///   seen arriving, or the link's probed goodput if higher);
+/// - less what the destination has still to do of what was sent a round
+///   trip ago or earlier (held up behind a lost packet, queued there):
+///   with half the
+///   limit's worth, QEMU gets half the limit's worth of pages; with the
+///   whole limit's, nothing (the guest runs on while it drains). On a long
+///   lossy link a lost packet holds up everything behind it for an RTT or
+///   more, and the destination then gets it all at once: counting only
+///   what it had received, a migration at 500 ms RTT stopped the guest
+///   with 240 MB of the destination's work (a second) in the way.
+///
+/// The best second of the destination's progress, told before, read a
+/// first round with a replica as a few MB/s (most of it pages that cost
+/// nothing) and held QEMU for seconds; QEMU's own measure (pages skipped
+/// count at GB/s) let it stop the guest with a second of the destination's
+/// work left.
+struct SwitchOver {
+    limit: Duration,
+    link_rate: Option<f64>,
+    wire: BestRate,
+    /// The rate last told to QEMU.
+    told: Option<u64>,
+}
+
+impl SwitchOver {
+    fn new(limit: Duration, link_rate: Option<f64>) -> SwitchOver {
+        SwitchOver {
+            limit,
+            link_rate,
+            wire: BestRate::default(),
+            // QEMU starts held (see `send_stream`).
+            told: Some(HOLD_SWITCHOVER_BPS),
+        }
+    }
+
+    /// The rate to tell QEMU now, if it differs from the last told by a
+    /// fifth or more (or holds or releases QEMU).
+    fn update(&mut self, now: Instant, p: &Path) -> Option<u64> {
+        let wire_rate = self
+            .wire
+            .update(now, p.received_wire_bytes)
+            .max(self.link_rate.unwrap_or(0.0));
+        let want = self.rate(p, wire_rate);
+        let told = self.told.unwrap_or(0);
+        let changed = (want == HOLD_SWITCHOVER_BPS) != (told == HOLD_SWITCHOVER_BPS)
+            || want.abs_diff(told) * 5 > told;
+        (self.told.is_none() || changed).then(|| {
+            self.told = Some(want);
+            want
         })
+    }
+
+    fn rate(&self, p: &Path, wire_rate: f64) -> u64 {
+        if !p.ready || p.round < 2 {
+            return HOLD_SWITCHOVER_BPS;
+        }
+        // Not measured yet (little has been sent): a guess.
+        let guess = |r: f64| if r > 0.0 { r } else { DESTINATION_RATE };
+        let destination = guess(p.destination_rate);
+        let link = match p.wire_per_stream_byte {
+            w if w > 0.0 && wire_rate > 0.0 => wire_rate / w,
+            _ => f64::INFINITY,
+        };
+        let path = guess(p.source_rate).min(destination).min(link);
+        let limit = self.limit.as_secs_f64();
+        let backlog = p.behind_at_destination as f64 / destination;
+        let left = (limit - backlog) / limit;
+        if left < 0.1 {
+            return HOLD_SWITCHOVER_BPS;
+        }
+        ((path * left) as u64).max(HOLD_SWITCHOVER_BPS + 1)
+    }
+
+    /// The rate last told to QEMU.
+    fn told(&self) -> Option<u64> {
+        self.told
+    }
+
+    /// QEMU did not take the last rate: tell it again next time.
+    fn forget_told(&mut self) {
+        self.told = None;
     }
 }
 
@@ -1087,8 +1325,6 @@ struct Sent {
     preloaded: bool,
     /// The transfer's end: the destination confirmed length and hash.
     confirmed: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>,
-    rounds: u64,
-    downtime: Option<u64>,
     /// When the source guest stopped (QEMU's clock, microseconds).
     stop_unix_us: Option<u64>,
     /// What the destination holds now of the main memory (its block and
@@ -1343,8 +1579,15 @@ fn feed_qemu(
         let fed = fed.clone();
         move || {
             while let Some(c) = chunks.blocking_recv() {
-                if let Chunk::Data(d) = &c {
-                    fed.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                match &c {
+                    Chunk::Data(d) => {
+                        fed.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                    Chunk::Done { .. } => tracing::debug!(
+                        received = fed.received.load(Ordering::Relaxed),
+                        done = fed.done.load(Ordering::Relaxed),
+                        "the whole stream is here"
+                    ),
                 }
                 if tx.send(c).is_err() {
                     break;
@@ -1411,6 +1654,7 @@ fn feed_qemu(
                 }
                 tracing::info!(
                     bytes = total,
+                    record_bytes = dec.record_bytes(),
                     secs = t0.elapsed().as_secs_f64(),
                     waiting_for_source = for_source.as_secs_f64(),
                     waiting_for_qemu = for_qemu.as_secs_f64(),
@@ -1568,7 +1812,7 @@ fn encode_stream(
     counters: &MigrationControl,
     known: Known,
     level: i32,
-    (backlog, rtt): (u64, Duration),
+    (backlog, rtt, limit): (u64, Duration, Duration),
 ) -> Result<Encoded, String> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
@@ -1591,6 +1835,7 @@ fn encode_stream(
     // link, for the destination.
     let t0 = Instant::now();
     let mut waited = [Duration::ZERO; 3];
+    let mut cost = RelayCost::default();
     let mut last_log = t0;
     loop {
         let t = Instant::now();
@@ -1609,14 +1854,25 @@ fn encode_stream(
                     if names.len() != parser.blocks().len() {
                         names = parser.blocks().iter().map(|b| b.name.clone()).collect();
                     }
+                    let (before, t) = (enc.stats(), Instant::now());
                     enc.encode(item, &names).map_err(|e| e.to_string())?;
+                    cost.encoded(&before, &enc.stats(), t.elapsed());
                 }
                 Ok(None) => break,
                 Err(e) => return Err(format!("QEMU's stream: {e}")),
             }
         }
         // Hand on what is there at once: QEMU has sync points.
+        let t = Instant::now();
+        let wire_before = out.len();
         enc.flush(&mut out).map_err(|e| e.to_string())?;
+        cost.flushed((out.len() - wire_before) as u64, t.elapsed());
+        if let Some((rate, wire_per_million)) = cost.rates() {
+            counters.source_rate.store(rate, Ordering::Relaxed);
+            counters
+                .wire_per_million
+                .store(wire_per_million, Ordering::Relaxed);
+        }
         counters
             .stream_bytes
             .store(parser.consumed_bytes(), Ordering::Relaxed);
@@ -1649,10 +1905,24 @@ fn encode_stream(
             // and starts a little before its end.
             // A preload QEMU maps is done before the first page comes,
             // and is not waited for (an RTT for the report that says so).
-            // Once ready, what counts is what the destination has queued
-            // (see `queued_at_destination`); what is on the link is the
-            // transport's to bound.
+            // Once ready, in QEMU's first round, what counts is what the
+            // destination has queued (see `queued_at_destination`); what is
+            // on the link is the transport's to bound.
+            // Near the end of QEMU's first round and after it, what counts
+            // is everything the destination has still to do, wherever it
+            // is (the relay no longer reads QEMU meanwhile): QEMU may stop
+            // the guest at the end of any round (whenever a round finds
+            // nothing dirty, whatever it was told), and all of it is then
+            // in the pause. A lost packet holds up everything behind it
+            // for an RTT or more and hands it over at once: at 500 ms RTT,
+            // a bound on the destination's queue alone let 240 MB (a
+            // second of its work) stand in a pause.
+            let near_the_end = counters.near_the_end.load(Ordering::Relaxed);
             ahead = match counters.destination_ready.load(Ordering::Relaxed) {
+                true if near_the_end => {
+                    allowed = counters.final_backlog(limit);
+                    counters.behind_beyond_pipe(pipe_of(rtt))
+                }
                 true => {
                     allowed = counters.backlog(backlog, rtt);
                     counters.queued_at_destination()
@@ -1729,6 +1999,55 @@ fn encode_stream(
     })
 }
 
+/// The relay's work on what it sends: every item but `Same` pages (pages
+/// the destination holds in place, which cost a comparison), the way a
+/// final round's pages will cost. QEMU's switch-over is sized by it (see
+/// [`SwitchOver`]).
+#[derive(Default)]
+struct RelayCost {
+    busy: Duration,
+    stream_bytes: u64,
+    wire_bytes: u64,
+}
+
+impl RelayCost {
+    /// An item encoded in `took`, the encoder's figures before and after.
+    fn encoded(&mut self, before: &WireStats, after: &WireStats, took: Duration) {
+        if after.same_pages == before.same_pages {
+            self.busy += took;
+            self.stream_bytes += after.stream_bytes - before.stream_bytes;
+        }
+    }
+
+    /// Records compressed into `wire` bytes in `took`.
+    fn flushed(&mut self, wire: u64, took: Duration) {
+        self.busy += took;
+        self.wire_bytes += wire;
+        // Recent work weighs most: a last round's pages are like the last
+        // rounds', not like the first round's (whole pages, compressed,
+        // where later rounds send deltas).
+        if self.stream_bytes > COST_WINDOW {
+            self.busy /= 2;
+            self.stream_bytes /= 2;
+            self.wire_bytes /= 2;
+        }
+    }
+
+    /// Stream bytes per second of work, and wire bytes per million stream
+    /// bytes, once there is something to tell.
+    fn rates(&self) -> Option<(u64, u64)> {
+        (!self.busy.is_zero() && self.stream_bytes >= 64 << 10).then(|| {
+            (
+                (self.stream_bytes as f64 / self.busy.as_secs_f64()) as u64,
+                self.wire_bytes * 1_000_000 / self.stream_bytes,
+            )
+        })
+    }
+}
+
+/// Stream bytes over which [`RelayCost`] averages, about.
+const COST_WINDOW: u64 = 64 << 20;
+
 /// An `AsyncRead` over chunks from a channel.
 struct ChanReader {
     rx: mpsc::Receiver<Vec<u8>>,
@@ -1777,25 +2096,118 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_pace_is_the_best_second_and_is_told_when_it_moves() {
+    fn the_best_rate_is_over_a_second_and_never_falls() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut p = Pace::default();
-        // Less than a second of samples: nothing to tell yet.
-        assert_eq!(p.update(at(0), 0), None);
-        assert_eq!(p.update(at(500), 50 << 20), None);
+        let mut r = BestRate::default();
+        // Less than a second of samples: nothing yet.
+        assert_eq!(r.update(at(0), 0), 0.0);
+        assert_eq!(r.update(at(500), 50 << 20), 0.0);
         // 100 MiB in the first second.
-        assert_eq!(p.update(at(1000), 100 << 20), Some(100 << 20));
-        // Slower seconds after it do not lower the best.
-        assert_eq!(p.update(at(1500), 110 << 20), None);
-        assert_eq!(p.update(at(2000), 120 << 20), None);
-        // 10 % faster than told: not worth a word to QEMU.
-        assert_eq!(p.update(at(2500), 170 << 20), None);
-        assert_eq!(p.update(at(3000), 230 << 20), None);
-        // Half again as fast (150 MiB from 2.5 s to 3.5 s): told.
-        let r = p
-            .update(at(3500), 320 << 20)
-            .expect("a faster second is told");
-        assert_eq!(r, 150 << 20);
+        assert_eq!(r.update(at(1000), 100 << 20), (100 << 20) as f64);
+        // Slower seconds after it do not lower it.
+        assert_eq!(r.update(at(2000), 120 << 20), (100 << 20) as f64);
+        // A faster one raises it: 150 MiB from 2 s to 3 s.
+        assert_eq!(r.update(at(3000), 270 << 20), (150 << 20) as f64);
+    }
+
+    /// A path after the first round with the destination ready: the relay
+    /// at 200 MB/s, the destination at 400 MB/s, a page's wire bytes a
+    /// tenth of its stream bytes.
+    fn path() -> Path {
+        Path {
+            round: 2,
+            ready: true,
+            source_rate: 200e6,
+            destination_rate: 400e6,
+            wire_per_stream_byte: 0.1,
+            received_wire_bytes: 0,
+            behind_at_destination: 0,
+        }
+    }
+
+    #[test]
+    fn the_switch_over_is_held_in_the_first_round_and_during_a_preload() {
+        let t0 = Instant::now();
+        let mut s = SwitchOver::new(Duration::from_millis(500), None);
+        // Held from the start: nothing to tell.
+        let first = Path { round: 1, ..path() };
+        assert_eq!(s.update(t0, &first), None);
+        let preloading = Path {
+            ready: false,
+            ..path()
+        };
+        assert_eq!(s.update(t0, &preloading), None);
+        // Released with the slowest stage: the relay.
+        assert_eq!(s.update(t0, &path()), Some(200_000_000));
+        // Unchanged, or within a fifth: nothing to tell.
+        assert_eq!(s.update(t0, &path()), None);
+        let a_bit_faster = Path {
+            source_rate: 230e6,
+            ..path()
+        };
+        assert_eq!(s.update(t0, &a_bit_faster), None);
+    }
+
+    #[test]
+    fn the_switch_over_takes_the_slowest_stage() {
+        let t0 = Instant::now();
+        let mut s = SwitchOver::new(Duration::from_millis(500), Some(10e6));
+        // The link: 10 MB/s of wire at 0.1 wire bytes per stream byte is
+        // 100 MB/s of stream.
+        assert_eq!(s.update(t0, &path()), Some(100_000_000));
+        // The destination slower still.
+        let slow = Path {
+            destination_rate: 50e6,
+            ..path()
+        };
+        assert_eq!(s.update(t0, &slow), Some(50_000_000));
+        // A faster second of wire seen arriving than the probe measured:
+        // the link's rate is that (30 MB/s), the relay is the limit again.
+        let mut s = SwitchOver::new(Duration::from_millis(500), Some(10e6));
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        s.update(
+            at(0),
+            &Path {
+                received_wire_bytes: 0,
+                ..path()
+            },
+        );
+        let r = s.update(
+            at(1000),
+            &Path {
+                received_wire_bytes: 30_000_000,
+                ..path()
+            },
+        );
+        assert_eq!(r, Some(200_000_000));
+    }
+
+    #[test]
+    fn what_the_destination_has_still_to_do_takes_its_share_of_the_limit() {
+        let t0 = Instant::now();
+        let mut s = SwitchOver::new(Duration::from_millis(500), None);
+        // 100 MB queued at 400 MB/s: 250 ms, half the limit.
+        let half = Path {
+            behind_at_destination: 100_000_000,
+            ..path()
+        };
+        assert_eq!(s.update(t0, &half), Some(100_000_000));
+        // A whole limit's backlog: held while it drains.
+        let full = Path {
+            behind_at_destination: 200_000_000,
+            ..path()
+        };
+        assert_eq!(s.update(t0, &full), Some(HOLD_SWITCHOVER_BPS));
+        assert_eq!(s.update(t0, &path()), Some(200_000_000));
+    }
+
+    #[test]
+    fn a_rate_qemu_refused_is_told_again() {
+        let t0 = Instant::now();
+        let mut s = SwitchOver::new(Duration::from_millis(500), None);
+        assert_eq!(s.update(t0, &path()), Some(200_000_000));
+        s.forget_told();
+        assert_eq!(s.update(t0, &path()), Some(200_000_000));
     }
 }
