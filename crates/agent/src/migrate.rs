@@ -56,7 +56,14 @@ pub struct MigrationReport {
     pub stream_bytes: u64,
     /// Bytes that crossed the network (the encoded records).
     pub wire_bytes: u64,
+    /// Stream bytes not sent because pages the destination held (a
+    /// replica, a footprint, an earlier round, any identical page) went as
+    /// references or not at all.
     pub saved_by_dedup_bytes: u64,
+    /// Stream bytes saved by sending changed pages as deltas against the
+    /// version the destination held (before compression).
+    pub saved_by_delta_bytes: u64,
+    /// Stream bytes saved by compressing what was left.
     pub saved_by_compression_bytes: u64,
     pub pages: u64,
     pub ref_pages: u64,
@@ -166,16 +173,21 @@ impl MigrationControl {
         }
     }
 
-    /// Record bytes the destination may have still to do, on the link or
-    /// queued, near the end of QEMU's first round and after: half the
-    /// downtime limit of
-    /// its work (at least [`MIN_FINAL_BACKLOG`]). What is left is QEMU's.
-    fn final_backlog(&self, limit: Duration) -> u64 {
-        let rate = match self.destination_capacity.load(Ordering::Relaxed) {
+    /// Record bytes the destination gets through per second of its own
+    /// work: as it reported, or a guess until it did.
+    fn destination_rate(&self) -> f64 {
+        match self.destination_capacity.load(Ordering::Relaxed) {
             0 => DESTINATION_RATE,
             r => r as f64,
-        };
-        ((rate * limit.as_secs_f64() / 2.0) as u64).max(MIN_FINAL_BACKLOG)
+        }
+    }
+
+    /// Record bytes the destination may have still to do (see
+    /// [`Self::behind_beyond_pipe`]) near the end of QEMU's first round and
+    /// after: half the downtime limit of its work, at least
+    /// [`MIN_FINAL_BACKLOG`]. The other half is QEMU's last round's.
+    fn final_backlog(&self, limit: Duration) -> u64 {
+        ((self.destination_rate() * limit.as_secs_f64() / 2.0) as u64).max(MIN_FINAL_BACKLOG)
     }
 
     /// Notes a chunk handed on: the wire and record bytes up to its end.
@@ -509,6 +521,7 @@ impl Manager {
                     stream_bytes: stats.stream_bytes,
                     wire_bytes: stats.wire_bytes,
                     saved_by_dedup_bytes: stats.saved_by_dedup,
+                    saved_by_delta_bytes: stats.saved_by_delta,
                     saved_by_compression_bytes: stats.saved_by_compression,
                     pages: stats.pages,
                     ref_pages: stats.ref_pages,
@@ -566,7 +579,6 @@ impl Manager {
         let listener = tokio::net::UnixListener::bind(&sock)
             .map_err(|e| format!("{}: {e}", sock.display()))?;
         let Plan {
-            level,
             backlog,
             rtt,
             link_rate,
@@ -620,7 +632,7 @@ impl Manager {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
         let counters = control.clone();
         let encoder = tokio::task::spawn_blocking(move || {
-            encode_stream(conn, tx, &counters, known, level, (backlog, rtt, limit))
+            encode_stream(conn, tx, &counters, known, (backlog, rtt, limit))
         });
         let transfer = tokio::spawn({
             let (session, name) = (session.clone(), format!("migrate/{id}"));
@@ -674,7 +686,7 @@ impl Manager {
                     round,
                     ready: ready && !preloading,
                     source_rate: control.source_rate.load(Ordering::Relaxed) as f64,
-                    destination_rate: control.destination_capacity.load(Ordering::Relaxed) as f64,
+                    destination_rate: control.destination_rate(),
                     wire_per_stream_byte: control.wire_per_million.load(Ordering::Relaxed) as f64
                         / 1e6,
                     received_wire_bytes: control.received_at_destination.load(Ordering::Relaxed),
@@ -1030,8 +1042,6 @@ pub(crate) struct Plan {
     rtt: Duration,
     /// The link's goodput as last measured (bytes per second), if it was.
     link_rate: Option<f64>,
-    /// zstd level of the wire stream.
-    level: i32,
     /// Record bytes the destination may have still to do.
     backlog: u64,
     pub(crate) transport: TransportConfig,
@@ -1044,11 +1054,6 @@ impl Plan {
         Plan {
             rtt,
             link_rate: link.map(|(_, bps)| bps / 8.0),
-            // zstd -2: on text about as fast as -1 for 4 % fewer bytes, and
-            // 40 % faster than -3 for 3 % more; the relay shares its cores
-            // with the guest and its own CPU is what holds it back below a
-            // few hundred Mbit/s. Faster links get -1.
-            level: if rate < 300e6 { 2 } else { 1 },
             // What the destination may have still to do until it showed
             // its rate (see `MigrationControl::backlog`): a guess of five
             // RTTs of its work. It counts what is on the link and in the
@@ -1211,7 +1216,7 @@ struct Path {
     /// Stream bytes per second the relay gets through on pages it sends
     /// (not `Same`): deltas, references, whole pages.
     source_rate: f64,
-    /// Record bytes per second of the destination's own work.
+    /// Record bytes per second of the destination's own work (or a guess).
     destination_rate: f64,
     /// Wire bytes per stream byte of such pages.
     wire_per_stream_byte: f64,
@@ -1291,14 +1296,18 @@ impl SwitchOver {
         if !p.ready || p.round < 2 {
             return HOLD_SWITCHOVER_BPS;
         }
-        // Not measured yet (little has been sent): a guess.
-        let guess = |r: f64| if r > 0.0 { r } else { DESTINATION_RATE };
-        let destination = guess(p.destination_rate);
+        let destination = p.destination_rate;
         let link = match p.wire_per_stream_byte {
             w if w > 0.0 && wire_rate > 0.0 => wire_rate / w,
             _ => f64::INFINITY,
         };
-        let path = guess(p.source_rate).min(destination).min(link);
+        // Not measured yet (little was sent): as fast as the destination.
+        let source = if p.source_rate > 0.0 {
+            p.source_rate
+        } else {
+            destination
+        };
+        let path = source.min(destination).min(link);
         let limit = self.limit.as_secs_f64();
         let backlog = p.behind_at_destination as f64 / destination;
         let left = (limit - backlog) / limit;
@@ -1811,13 +1820,14 @@ fn encode_stream(
     tx: mpsc::Sender<Vec<u8>>,
     counters: &MigrationControl,
     known: Known,
-    level: i32,
     (backlog, rtt, limit): (u64, Duration, Duration),
 ) -> Result<Encoded, String> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     let mut parser = StreamParser::new();
-    let mut enc = WireEncoder::new(level).map_err(|e| e.to_string())?;
+    let mut enc = WireEncoder::new(WIRE_ZSTD_LEVEL).map_err(|e| e.to_string())?;
+    enc.set_workers(compression_workers())
+        .map_err(|e| e.to_string())?;
     let mapped = known.mapped;
     enc.receiver_has(&known.offered, known.store.snapshot().ok());
     enc.receiver_slots(known.slots);
@@ -1862,10 +1872,18 @@ fn encode_stream(
                 Err(e) => return Err(format!("QEMU's stream: {e}")),
             }
         }
-        // Hand on what is there at once: QEMU has sync points.
+        // With more from QEMU at once, the records go to the compressor's
+        // jobs and on as they are done; once QEMU has given all it has, all
+        // of it is flushed and handed on.
+        let more = bytes_waiting(&conn) > 0;
         let t = Instant::now();
         let wire_before = out.len();
-        enc.flush(&mut out).map_err(|e| e.to_string())?;
+        match more {
+            true => enc.compress(&mut out),
+            false => enc.flush(&mut out),
+        }
+        .map_err(|e| e.to_string())?;
+        let mut flushed = !more;
         cost.flushed((out.len() - wire_before) as u64, t.elapsed());
         if let Some((rate, wire_per_million)) = cost.rates() {
             counters.source_rate.store(rate, Ordering::Relaxed);
@@ -1876,17 +1894,7 @@ fn encode_stream(
         counters
             .stream_bytes
             .store(parser.consumed_bytes(), Ordering::Relaxed);
-        if !out.is_empty() {
-            let len = out.len() as u64;
-            let wire = counters.wire_bytes.fetch_add(len, Ordering::Relaxed) + len;
-            counters.handed_on(wire, enc.stats().record_bytes);
-            let chunk = std::mem::replace(&mut out, Vec::with_capacity(2 << 20));
-            let t = Instant::now();
-            if tx.blocking_send(chunk).is_err() {
-                return Err("the transfer to the destination ended".into());
-            }
-            waited[1] += t.elapsed();
-        }
+        waited[1] += hand_on(&mut out, &tx, counters, &enc)?;
         // Stop reading QEMU while the destination is far behind: QEMU then
         // sees the rate the whole path really has.
         let sent = enc.stats().record_bytes;
@@ -1939,6 +1947,12 @@ fn encode_stream(
             if ahead <= allowed {
                 break;
             }
+            if !flushed {
+                // Nothing the destination waits for stays behind here.
+                enc.flush(&mut out).map_err(|e| e.to_string())?;
+                waited[1] += hand_on(&mut out, &tx, counters, &enc)?;
+                flushed = true;
+            }
             if tx.is_closed() {
                 return Err("the transfer to the destination ended".into());
             }
@@ -1973,6 +1987,8 @@ fn encode_stream(
         }
     }
     parser.finish().map_err(|e| format!("QEMU's stream: {e}"))?;
+    enc.flush(&mut out).map_err(|e| e.to_string())?;
+    waited[1] += hand_on(&mut out, &tx, counters, &enc)?;
     drop(tx);
     let [qemu, link, destination] = waited.map(|d| d.as_secs_f64());
     tracing::info!(
@@ -1997,6 +2013,69 @@ fn encode_stream(
         preloaded,
         held,
     })
+}
+
+/// Sends the relay's compressed records in `out` on to the transfer, and
+/// notes them; returns how long it waited for room.
+fn hand_on(
+    out: &mut Vec<u8>,
+    tx: &mpsc::Sender<Vec<u8>>,
+    counters: &MigrationControl,
+    enc: &WireEncoder,
+) -> Result<Duration, String> {
+    if out.is_empty() {
+        return Ok(Duration::ZERO);
+    }
+    let len = out.len() as u64;
+    let wire = counters.wire_bytes.fetch_add(len, Ordering::Relaxed) + len;
+    counters.handed_on(wire, enc.stats().record_bytes);
+    let chunk = std::mem::replace(out, Vec::with_capacity(2 << 20));
+    let t = Instant::now();
+    tx.blocking_send(chunk)
+        .map_err(|_| "the transfer to the destination ended".to_string())?;
+    Ok(t.elapsed())
+}
+
+/// Bytes QEMU has written to `conn` that were not read yet.
+fn bytes_waiting(conn: &UnixStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(conn),
+            libc::FIONREAD,
+            &mut n,
+        )
+    };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
+}
+
+/// zstd level of the wire stream. -1: on the test guest's text 153 MB/s to
+/// compress and 742 MB/s to decompress on one core of the benchmark host,
+/// against 138 and 494 MB/s for -2, which makes 4 % fewer bytes (`zstd
+/// -b1 -e3`). The relay and the destination share their cores with the
+/// guest, and a migration without help was held back by their CPU, not the
+/// link: 17.6-17.7 s with -1 instead of 18.1-18.2 s with -2 at 100 ms RTT
+/// (`scripts/bench-migrate --delay 50ms --scenarios dwcp`, both with the
+/// compressor's workers), for 5 % more bytes.
+const WIRE_ZSTD_LEVEL: i32 = 1;
+
+/// How many threads compress the wire stream besides the relay's own:
+/// one per core, up to four (0 on one core). zstd -1 gets 153 MB/s of the
+/// test guest's text through one core of the benchmark host; the relay
+/// alone, with its parsing, hashing and copies and the guest beside it,
+/// got 50-65 MB/s of stream through, and a 200 Mbit/s link takes about 70
+/// MB/s of such a stream. A migration without help at 100 ms RTT took
+/// 18.2-20.8 s without workers, 18.1-18.2 s with two.
+fn compression_workers() -> u32 {
+    match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        1 => 0,
+        n => n.min(4) as u32,
+    }
 }
 
 /// The relay's work on what it sends: every item but `Same` pages (pages

@@ -519,7 +519,7 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
             } else {
                 let n = |k: &str| r[k].as_u64().unwrap_or(0);
                 println!(
-                    "VM {name} runs on {to}: {:.1} s, {} on the wire for a {} stream ({} saved by dedup{}{}, {} by compression and deltas), {} rounds, guest paused {}",
+                    "VM {name} runs on {to}: {:.1} s, {} on the wire for a {} stream ({} saved by dedup{}{}, {} by deltas, {} by compression), {} rounds, guest paused {}",
                     r["seconds"].as_f64().unwrap_or(0.0),
                     format_bytes(n("wire_bytes")),
                     format_bytes(n("stream_bytes")),
@@ -540,6 +540,7 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<()> {
                         Some(f) => format!(", pages of {to}'s footprint of migration {f}"),
                         None => String::new(),
                     },
+                    format_bytes(n("saved_by_delta_bytes")),
                     format_bytes(n("saved_by_compression_bytes")),
                     n("rounds"),
                     r["guest_pause_ms"]

@@ -111,7 +111,10 @@ pub struct WireStats {
     pub full_pages: u64,
     /// Stream bytes saved by references and preloaded pages.
     pub saved_by_dedup: u64,
-    /// Stream bytes saved by compression and deltas.
+    /// Stream bytes saved by sending changed pages as deltas: a page's
+    /// bytes less its delta record's (before compression).
+    pub saved_by_delta: u64,
+    /// Stream bytes saved by compression.
     pub saved_by_compression: u64,
 }
 
@@ -397,6 +400,7 @@ impl WireEncoder {
         s.saved_by_compression = s
             .stream_bytes
             .saturating_sub(s.saved_by_dedup)
+            .saturating_sub(s.saved_by_delta)
             .saturating_sub(s.wire_bytes);
         s
     }
@@ -488,6 +492,8 @@ impl WireEncoder {
         });
         if let Some((len, offered)) = delta {
             self.stats.delta_pages += 1;
+            self.stats.saved_by_delta +=
+                (PAGE_SIZE as u64).saturating_sub((11 + REF_LEN + 8 + len) as u64);
             // Counted as the page it stands for.
             self.stats.record_bytes += as_page(11 + REF_LEN + 8 + len);
             if let Some(base) = offered {
@@ -511,10 +517,39 @@ impl WireEncoder {
         Ok(())
     }
 
+    /// Compresses with `workers` threads besides the caller's (0: on the
+    /// caller's thread only). The records are cut into jobs of 1 MiB,
+    /// each compressed with the end of the one before as its history, so
+    /// the ratio stays close to one thread's; [`compress`](Self::compress)
+    /// then returns as soon as the records are handed to a job.
+    pub fn set_workers(&mut self, workers: u32) -> Result<(), HdeError> {
+        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
+        self.zstd
+            .set_parameter(CParameter::NbWorkers(workers))
+            .map_err(zerr)?;
+        if workers > 0 {
+            self.zstd
+                .set_parameter(CParameter::JobSize(1 << 20))
+                .map_err(zerr)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the records added so far to the compressor and appends to
+    /// `out` what it has ready, without waiting for the rest: for a
+    /// caller with more to encode at once (see [`flush`](Self::flush)).
+    pub fn compress(&mut self, out: &mut Vec<u8>) -> Result<(), HdeError> {
+        self.compress_raw(out, false)
+    }
+
     /// Compresses the records added so far and appends them, flushed, to
     /// `out`: the receiver can rebuild everything encoded up to here.
     pub fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), HdeError> {
         self.end_run();
+        self.compress_raw(out, true)
+    }
+
+    fn compress_raw(&mut self, out: &mut Vec<u8>, flush: bool) -> Result<(), HdeError> {
         let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
         let start = out.len();
         let raw = std::mem::take(&mut self.raw);
@@ -526,7 +561,7 @@ impl WireEncoder {
             let mut ob = OutBuffer::around_pos(out, pos);
             if input.pos() < raw.len() {
                 self.zstd.run(&mut input, &mut ob).map_err(zerr)?;
-            } else if self.zstd.flush(&mut ob).map_err(zerr)? == 0 {
+            } else if !flush || self.zstd.flush(&mut ob).map_err(zerr)? == 0 {
                 break;
             }
         }
