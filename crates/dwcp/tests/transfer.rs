@@ -175,11 +175,19 @@ fn kill_connections(lab: &Lab, only: Option<usize>) -> usize {
         })
         .collect();
     let take = only.unwrap_or(ports.len()).min(ports.len());
-    for p in &ports[..take] {
-        let filter = format!("( sport = :{p} )");
+    // All at once when all are to die: one by one, the sender would open a
+    // replacement for the first before the last is gone.
+    let filters: Vec<String> = match only {
+        None => vec!["( dport = :7481 )".into()],
+        Some(_) => ports[..take]
+            .iter()
+            .map(|p| format!("( sport = :{p} )"))
+            .collect(),
+    };
+    for filter in &filters {
         lab.command("a", "ss")
             .expect("cmd")
-            .args(["-K", "-Htn", "state", "established", &filter])
+            .args(["-K", "-Htn", "state", "established", filter])
             .output()
             .expect("ss -K");
     }
