@@ -452,12 +452,13 @@ fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
 fn a_cut_link_leaves_the_vm_running_at_the_source_and_a_later_migration_works() {
     let (mut pair, alpha, beta) = slow_pair("x");
     let child = start_migration(&alpha, &beta);
-    let cut = |pair: &mut Pair, loss: &str| {
+    let mut link = |settings: &[(&str, &str)]| {
+        let settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         pair.lab
-            .set(vec![("loss".into(), loss.into())], Vec::new(), false)
+            .set(settings.collect(), Vec::new(), false)
             .expect("netlab set");
     };
-    cut(&mut pair, "100%");
+    link(&[("loss", "100%")]);
     let t0 = std::time::Instant::now();
     let out = wait_output(child, Duration::from_secs(120), &[&alpha, &beta]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -474,8 +475,9 @@ fn a_cut_link_leaves_the_vm_running_at_the_source_and_a_later_migration_works() 
     runs_on(&alpha, "web");
     dropped(&beta, "the destination to drop its half", 150);
     runs_on(&alpha, "web");
-    // The link back: the same VM moves, nothing left over in the way.
-    cut(&mut pair, "0%");
+    // The link back (and faster: the slow link was there to catch the
+    // migration mid-way): the same VM moves, nothing left over in the way.
+    link(&[("loss", "0%"), ("rate", "100mbit")]);
     let before = last_tick(&alpha.console("web")).expect("ticks");
     let again = alpha.spawn_cli(&["vm", "migrate", "web", "--to", "beta"]);
     let out = wait_output(again, Duration::from_secs(240), &[&alpha, &beta]);
