@@ -61,6 +61,9 @@ pub enum Request {
         links: Vec<LinkOverride>,
         /// Start from the defaults instead of the current settings.
         reset: bool,
+        /// Traces play from their start from now on.
+        #[serde(default)]
+        restart_traces: bool,
     },
     Shutdown,
 }
@@ -154,11 +157,22 @@ fn handle(lab: &mut Lab, stream: UnixStream) -> bool {
             links: lab.stats(),
             unroutable: lab.unroutable(),
         },
-        Ok(Request::Set { all, links, reset }) => Response {
-            error: lab.set(all, links, reset).err().map(|e| chain(&e)),
-            links: lab.stats(),
-            unroutable: lab.unroutable(),
-        },
+        Ok(Request::Set {
+            all,
+            links,
+            reset,
+            restart_traces,
+        }) => {
+            let result = lab.set(all, links, reset);
+            if result.is_ok() && restart_traces {
+                lab.restart_traces();
+            }
+            Response {
+                error: result.err().map(|e| chain(&e)),
+                links: lab.stats(),
+                unroutable: lab.unroutable(),
+            }
+        }
         Ok(Request::Shutdown) => {
             stop = true;
             Response {

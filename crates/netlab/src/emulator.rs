@@ -179,6 +179,14 @@ impl Emulator {
         }
     }
 
+    /// Every direction's trace plays from its start from now on.
+    pub fn restart_traces(&self) {
+        let now = self.shared.now();
+        for link in &self.shared.links {
+            lock(&link.model).restart_trace(now);
+        }
+    }
+
     pub fn params(&self, from: usize, to: usize) -> LinkParams {
         lock(&self.shared.link(from, to).model).params().clone()
     }

@@ -410,6 +410,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Traces play from their start from now on (to give runs compared
+    /// with each other the same stretch of a trace).
+    pub fn restart_traces(&self) {
+        if let Some(em) = &self.emulator {
+            em.restart_traces();
+        }
+    }
+
     pub fn stats(&self) -> Vec<LinkStats> {
         self.emulator
             .as_ref()

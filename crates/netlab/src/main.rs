@@ -52,6 +52,10 @@ enum Cmd {
         /// Start from no impairment instead of the current settings.
         #[arg(long)]
         reset: bool,
+        /// Play traces from their start from now on (otherwise a trace
+        /// runs on the lab's clock from `up`, looping).
+        #[arg(long)]
+        trace_restart: bool,
     },
     /// Print a host's address.
     Addr { lab: String, host: String },
@@ -311,11 +315,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mtu,
             seed,
         } => up(lab, hosts, link, config, mtu, seed),
-        Cmd::Set { lab, link, reset } => {
+        Cmd::Set {
+            lab,
+            link,
+            reset,
+            trace_restart,
+        } => {
             let req = Request::Set {
                 all: link.settings(),
                 links: link.links,
                 reset,
+                restart_traces: trace_restart,
             };
             let resp = control::request(&lab, &req).map_err(anyhow::Error::msg)?;
             for s in &resp.links {

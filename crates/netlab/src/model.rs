@@ -72,6 +72,9 @@ pub struct LinkModel {
     backlog_bytes: u64,
     /// Delivery time of the last packet: nothing is delivered before it.
     last_delivery: u64,
+    /// Where on the lab's clock a trace's time 0 lies (the last period
+    /// that began at or before it); kept across new settings.
+    trace_origin: u64,
 }
 
 impl LinkModel {
@@ -87,6 +90,7 @@ impl LinkModel {
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             last_delivery: 0,
+            trace_origin: 0,
         };
         m.set_params(params, trace);
         m
@@ -111,6 +115,11 @@ impl LinkModel {
         self.queue_limit = params.queue_limit_bytes(mean_bps);
         self.service = service;
         self.params = params;
+    }
+
+    /// A trace (this one and any set later) plays from its start at `now`.
+    pub fn restart_trace(&mut self, now: u64) {
+        self.trace_origin = now;
     }
 
     pub fn params(&self) -> &LinkParams {
@@ -170,7 +179,11 @@ impl LinkModel {
             Service::Constant { bytes_per_ns } => {
                 start + (size as f64 / bytes_per_ns).ceil() as u64
             }
-            Service::Trace(t) => t.finish(start, size as f64),
+            Service::Trace(t) => {
+                // Lab time → trace time: origin falls on a period's start.
+                let phase = (t.period_ns - self.trace_origin % t.period_ns) % t.period_ns;
+                t.finish(start + phase, size as f64) - phase
+            }
         };
         self.busy_until = end;
         if end > now {
@@ -212,6 +225,25 @@ mod tests {
         assert_eq!(m.on_packet(0, 1500, 0), Verdict::Deliver(12 * MS));
         // After an idle gap it goes at once.
         assert_eq!(m.on_packet(100 * MS, 1500, 0), Verdict::Deliver(111 * MS));
+    }
+
+    #[test]
+    fn a_restarted_trace_plays_from_its_start() {
+        // 12 Mbit/s (1 ms a packet) for 10 ms, then 1.2 Mbit/s for 10 ms.
+        let trace = RateSchedule {
+            segments: vec![(0, 1.5e6), (10 * MS, 1.5e5)],
+            period_ns: 20 * MS,
+        };
+        let mut m = LinkModel::new(params("queue=1mb"), Some(trace.clone()), 1);
+        // On the lab's clock: at 15 ms the slow part plays (150 bytes a ms).
+        assert_eq!(m.on_packet(15 * MS, 150, 0), Verdict::Deliver(16 * MS));
+        // Restarted at 35 ms: the fast part plays from there, also after
+        // new settings (the origin stays), and the trace still loops.
+        m.restart_trace(35 * MS);
+        m.set_params(params("queue=1mb"), Some(trace));
+        assert_eq!(m.on_packet(35 * MS, 1500, 0), Verdict::Deliver(36 * MS));
+        assert_eq!(m.on_packet(46 * MS, 150, 0), Verdict::Deliver(47 * MS));
+        assert_eq!(m.on_packet(75 * MS, 1500, 0), Verdict::Deliver(76 * MS));
     }
 
     #[test]
