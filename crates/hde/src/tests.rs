@@ -410,19 +410,42 @@ fn replicas_carry_only_what_the_other_store_lacks() {
 }
 
 /// Encodes `s` as a source would, handing on a chunk every `piece` bytes.
-fn wire_encode(enc: &mut crate::wire::WireEncoder, s: &[u8], piece: usize) -> Vec<u8> {
+/// Encodes `s` fed in pieces of `piece` bytes, flushing after each piece,
+/// or (`flush_each` false) only compressing and flushing after the last.
+fn wire_encode(
+    enc: &mut crate::wire::WireEncoder,
+    s: &[u8],
+    piece: usize,
+    flush_each: bool,
+) -> Vec<u8> {
     let mut p = StreamParser::new();
     let mut wire = Vec::new();
-    for chunk in s.chunks(piece) {
+    let pieces = s.chunks(piece).count();
+    for (i, chunk) in s.chunks(piece).enumerate() {
         p.feed(chunk);
         while let Some(item) = p.next_item().unwrap() {
             let names: Vec<String> = p.blocks().iter().map(|b| b.name.clone()).collect();
             enc.encode(item, &names).unwrap();
         }
-        enc.flush(&mut wire).unwrap();
+        if flush_each || i + 1 == pieces {
+            enc.flush(&mut wire).unwrap();
+        } else {
+            enc.compress(&mut wire).unwrap();
+        }
     }
     p.finish().unwrap();
     wire
+}
+
+/// Feeds `wire` to `dec` in pieces of `piece` bytes; the decoder must end
+/// idle. Returns the rebuilt stream.
+fn wire_decode(dec: &mut crate::wire::WireDecoder, wire: &[u8], piece: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in wire.chunks(piece) {
+        dec.feed(chunk, &mut out).unwrap();
+    }
+    assert!(dec.is_idle());
+    out
 }
 
 #[test]
@@ -437,7 +460,7 @@ fn the_wire_format_rebuilds_the_stream_and_sends_repeats_as_references() {
     last.insert(7, p7);
     let s = stream(&first, &last, &[3, 7, 9]);
     let mut enc = WireEncoder::new(3).unwrap();
-    let wire = wire_encode(&mut enc, &s, 5000);
+    let wire = wire_encode(&mut enc, &s, 5000, true);
     let st = enc.stats();
     assert_eq!(st.stream_bytes, s.len() as u64);
     assert_eq!(st.wire_bytes, wire.len() as u64);
@@ -455,11 +478,7 @@ fn the_wire_format_rebuilds_the_stream_and_sends_repeats_as_references() {
         "{st:?}"
     );
     let mut dec = WireDecoder::new().unwrap();
-    let mut out = Vec::new();
-    for chunk in wire.chunks(777) {
-        dec.feed(chunk, &mut out).unwrap();
-    }
-    assert!(dec.is_idle());
+    let out = wire_decode(&mut dec, &wire, 777);
     assert_eq!(dec.record_bytes(), st.record_bytes);
     assert_eq!(out, s, "the rebuilt stream is QEMU's, byte for byte");
     // Damage anywhere is an error or a different stream, never a panic.
@@ -480,32 +499,14 @@ fn records_compressed_by_workers_without_flushes_rebuild_the_stream() {
     let s = stream(&first, &first, &[]);
     let mut enc = WireEncoder::new(3).unwrap();
     enc.set_workers(2).unwrap();
-    let mut p = StreamParser::new();
-    let mut wire = Vec::new();
     // Compressed without a flush after every piece but the last: what the
     // workers had done so far went out, the rest at the flush.
-    let pieces: Vec<&[u8]> = s.chunks(100_000).collect();
-    for (i, chunk) in pieces.iter().enumerate() {
-        p.feed(chunk);
-        while let Some(item) = p.next_item().unwrap() {
-            let names: Vec<String> = p.blocks().iter().map(|b| b.name.clone()).collect();
-            enc.encode(item, &names).unwrap();
-        }
-        match i + 1 == pieces.len() {
-            true => enc.flush(&mut wire).unwrap(),
-            false => enc.compress(&mut wire).unwrap(),
-        }
-    }
-    p.finish().unwrap();
+    let wire = wire_encode(&mut enc, &s, 100_000, false);
     let st = enc.stats();
     assert_eq!(st.wire_bytes, wire.len() as u64);
     assert!(st.wire_bytes * 2 < st.stream_bytes, "{st:?}");
     let mut dec = WireDecoder::new().unwrap();
-    let mut out = Vec::new();
-    for chunk in wire.chunks(4096) {
-        dec.feed(chunk, &mut out).unwrap();
-    }
-    assert!(dec.is_idle());
+    let out = wire_decode(&mut dec, &wire, 4096);
     assert_eq!(dec.record_bytes(), st.record_bytes);
     assert_eq!(out, s, "the rebuilt stream is QEMU's, byte for byte");
 }
@@ -546,7 +547,7 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
     enc.receiver_has(&offered, Some(store.snapshot().unwrap()));
     enc.receiver_slots(slots.iter().copied());
     enc.offer_preload(&base.id, base.blocks.clone());
-    let wire = wire_encode(&mut enc, &s, 3000);
+    let wire = wire_encode(&mut enc, &s, 3000, true);
     let st = enc.stats();
     assert!(enc.preloading());
     assert!(st.same_pages >= 185, "{st:?}");
@@ -624,20 +625,12 @@ fn a_preloaded_replica_leaves_only_the_changes_to_send() {
 #[test]
 fn a_footprint_lets_the_next_vm_refer_to_the_last_ones_pages() {
     use crate::wire::{WireDecoder, WireEncoder};
-    let decode = |dec: &mut WireDecoder, wire: &[u8]| {
-        let mut out = Vec::new();
-        for chunk in wire.chunks(900) {
-            dec.feed(chunk, &mut out).unwrap();
-        }
-        assert!(dec.is_idle());
-        out
-    };
     // A first VM migrates: both sides keep what their codecs held.
     let first = memory((0..200).map(|i| (i, i + 300)));
     let mut enc = WireEncoder::new(3).unwrap();
-    let wire = wire_encode(&mut enc, &stream(&first, &first, &[]), 4000);
+    let wire = wire_encode(&mut enc, &stream(&first, &first, &[]), 4000, true);
     let mut dec = WireDecoder::new().unwrap();
-    decode(&mut dec, &wire);
+    wire_decode(&mut dec, &wire, 900);
     let dir = tempfile::tempdir().unwrap();
     let (src, dst) = (dir.path().join("src.ram"), dir.path().join("dst.ram"));
     let length = RAM_PAGES * PAGE_SIZE as u64;
@@ -665,14 +658,18 @@ fn a_footprint_lets_the_next_vm_refer_to_the_last_ones_pages() {
     enc.receiver_has(&pages, None);
     enc.receiver_likely(index.iter().map(|&(p, d)| ((0, p), d)));
     enc.bases_from(MemoryImage::from_index(&src, &index).unwrap());
-    let wire = wire_encode(&mut enc, &s, 4000);
+    let wire = wire_encode(&mut enc, &s, 4000, true);
     let st = enc.stats();
     assert_eq!(st.ref_pages, 170, "{st:?}");
     assert_eq!(st.delta_pages, 20, "{st:?}");
     assert!(st.wire_bytes < 12 * 4096, "{st:?}");
     let mut dec = WireDecoder::offering(pages, None).unwrap();
     dec.bases_from(MemoryImage::from_index(&dst, &index).unwrap());
-    assert_eq!(decode(&mut dec, &wire), s, "the rebuilt stream is QEMU's");
+    assert_eq!(
+        wire_decode(&mut dec, &wire, 900),
+        s,
+        "the rebuilt stream is QEMU's"
+    );
 
     // A receiver without the footprint refuses the records.
     let mut dec = WireDecoder::new().unwrap();
