@@ -312,12 +312,16 @@ pub struct WireEncoder {
     run: Option<(u16, u64, u32)>,
 }
 
+/// A zstd error as this crate's.
+fn zstd_err(e: std::io::Error) -> HdeError {
+    HdeError::Stream(format!("zstd: {e}"))
+}
+
 impl WireEncoder {
     pub fn new(level: i32) -> Result<WireEncoder, HdeError> {
-        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
-        let mut zstd = zstd::stream::raw::Encoder::new(level).map_err(zerr)?;
+        let mut zstd = zstd::stream::raw::Encoder::new(level).map_err(zstd_err)?;
         zstd.set_parameter(CParameter::WindowLog(WINDOW_LOG))
-            .map_err(zerr)?;
+            .map_err(zstd_err)?;
         Ok(WireEncoder {
             zstd,
             raw: Vec::with_capacity(1 << 20),
@@ -491,11 +495,11 @@ impl WireEncoder {
             Some((delta_into(data, &base, &mut self.raw)?, offered))
         });
         if let Some((len, offered)) = delta {
+            let record = 11 + REF_LEN + 8 + len;
             self.stats.delta_pages += 1;
-            self.stats.saved_by_delta +=
-                (PAGE_SIZE as u64).saturating_sub((11 + REF_LEN + 8 + len) as u64);
+            self.stats.saved_by_delta += (PAGE_SIZE as u64).saturating_sub(record as u64);
             // Counted as the page it stands for.
-            self.stats.record_bytes += as_page(11 + REF_LEN + 8 + len);
+            self.stats.record_bytes += as_page(record);
             if let Some(base) = offered {
                 // A delta against an offered page: that page stays the
                 // slot's base, at hand on both sides without a copy (with a
@@ -523,14 +527,13 @@ impl WireEncoder {
     /// the ratio stays close to one thread's; [`compress`](Self::compress)
     /// then returns as soon as the records are handed to a job.
     pub fn set_workers(&mut self, workers: u32) -> Result<(), HdeError> {
-        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
         self.zstd
             .set_parameter(CParameter::NbWorkers(workers))
-            .map_err(zerr)?;
+            .map_err(zstd_err)?;
         if workers > 0 {
             self.zstd
                 .set_parameter(CParameter::JobSize(1 << 20))
-                .map_err(zerr)?;
+                .map_err(zstd_err)?;
         }
         Ok(())
     }
@@ -550,7 +553,6 @@ impl WireEncoder {
     }
 
     fn compress_raw(&mut self, out: &mut Vec<u8>, flush: bool) -> Result<(), HdeError> {
-        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
         let start = out.len();
         let raw = std::mem::take(&mut self.raw);
         self.stats.record_bytes += raw.len() as u64;
@@ -560,8 +562,8 @@ impl WireEncoder {
             let pos = out.len();
             let mut ob = OutBuffer::around_pos(out, pos);
             if input.pos() < raw.len() {
-                self.zstd.run(&mut input, &mut ob).map_err(zerr)?;
-            } else if !flush || self.zstd.flush(&mut ob).map_err(zerr)? == 0 {
+                self.zstd.run(&mut input, &mut ob).map_err(zstd_err)?;
+            } else if !flush || self.zstd.flush(&mut ob).map_err(zstd_err)? == 0 {
                 break;
             }
         }
@@ -745,10 +747,9 @@ pub struct WireDecoder {
 
 impl WireDecoder {
     pub fn new() -> Result<WireDecoder, HdeError> {
-        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
-        let mut zstd = zstd::stream::raw::Decoder::new().map_err(zerr)?;
+        let mut zstd = zstd::stream::raw::Decoder::new().map_err(zstd_err)?;
         zstd.set_parameter(DParameter::WindowLogMax(WINDOW_LOG))
-            .map_err(zerr)?;
+            .map_err(zstd_err)?;
         Ok(WireDecoder {
             zstd,
             input: Vec::new(),
@@ -832,7 +833,6 @@ impl WireDecoder {
     /// the bytes are only kept.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), HdeError> {
         self.input.extend_from_slice(bytes);
-        let zerr = |e: std::io::Error| HdeError::Stream(format!("zstd: {e}"));
         let input = std::mem::take(&mut self.input);
         let mut at = 0;
         let r = loop {
@@ -853,7 +853,7 @@ impl WireDecoder {
                 self.zstd
                     .run(&mut inb, &mut ob)
                     .map(|_| ob.pos() - before)
-                    .map_err(zerr)
+                    .map_err(zstd_err)
             };
             self.buf = piece;
             let used = inb.pos();
