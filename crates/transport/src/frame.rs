@@ -20,6 +20,9 @@ const K_DATA: u8 = 4;
 const K_ACK: u8 = 5;
 const K_DONE: u8 = 6;
 const K_CLOSE: u8 = 7;
+const K_PAD: u8 = 8;
+/// Largest padding frame body.
+pub const MAX_PAD: usize = 1 << 16;
 const F_FIN: u8 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +56,10 @@ pub enum Frame {
     },
     /// The peer is closing the session (or refusing it) for this reason.
     Close { reason: String },
+    /// `len` bytes of nothing, ignored by the receiver. A connection's
+    /// first write after an idle spell starts with one (see
+    /// `restart_pad` in `net.rs`).
+    Pad { len: u32 },
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,6 +84,7 @@ impl Frame {
             Frame::Ack { .. } => "ack",
             Frame::Done { .. } => "done",
             Frame::Close { .. } => "close",
+            Frame::Pad { .. } => "pad",
         }
     }
 
@@ -140,6 +148,10 @@ impl Frame {
                 let r = truncate_utf8(reason, 1024).as_bytes();
                 out.extend_from_slice(r);
                 (K_CLOSE, 0)
+            }
+            Frame::Pad { len } => {
+                out.resize(out.len() + (*len as usize).min(MAX_PAD), 0);
+                (K_PAD, 0)
             }
         };
         let body = (out.len() - start - HEADER) as u32;
@@ -242,6 +254,14 @@ impl Frame {
                 Ok(Frame::Close {
                     reason: String::from_utf8(b.to_vec())
                         .map_err(|_| FrameError::Malformed("close"))?,
+                })
+            }
+            K_PAD => {
+                if b.len() > MAX_PAD {
+                    return Err(FrameError::Malformed("pad"));
+                }
+                Ok(Frame::Pad {
+                    len: b.len() as u32,
                 })
             }
             other => Err(FrameError::Kind(other)),
@@ -354,6 +374,7 @@ mod tests {
             Frame::Close {
                 reason: "bye".into(),
             },
+            Frame::Pad { len: 3000 },
         ]
     }
 
@@ -415,6 +436,12 @@ mod tests {
             0xA4, 0x57, K_OPEN, 0, 0, 0, 0, 14, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
         ]);
         assert_eq!(d.next_frame(), Err(FrameError::Malformed("open")));
+        let mut d = Decoder::new();
+        let mut pad = vec![0xA4, 0x57, K_PAD, 0];
+        pad.extend_from_slice(&(MAX_PAD as u32 + 1).to_be_bytes());
+        pad.resize(HEADER + MAX_PAD + 1, 0);
+        d.push(&pad);
+        assert_eq!(d.next_frame(), Err(FrameError::Malformed("pad")));
     }
 
     #[test]
@@ -429,7 +456,7 @@ mod tests {
                 x ^= x << 17;
                 bytes.push(x as u8);
             }
-            bytes[2] %= 9;
+            bytes[2] %= 10;
             d.push(&bytes);
             for _ in 0..4 {
                 if !matches!(d.next_frame(), Ok(Some(_))) {

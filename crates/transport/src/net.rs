@@ -233,8 +233,8 @@ enum KernelRtt {
     Min,
 }
 
-/// The kernel's RTT of the connection on `fd`, if it has one.
-fn kernel_rtt(fd: std::os::fd::RawFd, which: KernelRtt) -> Option<Duration> {
+/// The kernel's `TCP_INFO` of the connection on `fd`.
+fn tcp_info(fd: std::os::fd::RawFd) -> Option<libc::tcp_info> {
     // SAFETY: an all-zero tcp_info is a valid value (plain integers).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -248,12 +248,43 @@ fn kernel_rtt(fd: std::os::fd::RawFd, which: KernelRtt) -> Option<Duration> {
             &mut len,
         )
     };
+    (r == 0).then_some(info)
+}
+
+/// The kernel's RTT of the connection on `fd`, if it has one.
+fn kernel_rtt(fd: std::os::fd::RawFd, which: KernelRtt) -> Option<Duration> {
+    let info = tcp_info(fd)?;
     let us = match which {
         KernelRtt::Smoothed => info.tcpi_rtt,
         KernelRtt::Min => info.tcpi_min_rtt,
     };
     // A zero or "no sample yet" (u32::MAX) minimum is no answer.
-    (r == 0 && us > 0 && us != u32::MAX).then(|| Duration::from_micros(us as u64))
+    (us > 0 && us != u32::MAX).then(|| Duration::from_micros(us as u64))
+}
+
+/// A connection that wrote nothing for this long starts its next write
+/// with [`restart_pad`].
+const IDLE_RESTART: Duration = Duration::from_secs(1);
+
+/// The padding a connection's first write after an idle spell starts
+/// with: two full segments and a little. Linux's BBR takes a round trip
+/// sample from a lone small segment for a delayed acknowledgement and does
+/// not renew its minimum RTT with it; more than 10 s after the last
+/// renewal the next acknowledgement then sends the connection into
+/// PROBE_RTT: four packets in flight for 200 ms and a round trip, with
+/// everything queued behind. A kept connection resuming after a minute
+/// with a small frame (a transfer's opening, the head of a stream) stalled
+/// for 1.2 s at 500 ms RTT, and the in-order stream with it. With two
+/// full segments in its first flight the first acknowledgement is taken
+/// at its word and nothing stalls.
+fn restart_pad(fd: std::os::fd::RawFd) -> Frame {
+    let mss = tcp_info(fd)
+        .map(|i| i.tcpi_snd_mss as usize)
+        .filter(|&m| m > 0)
+        .unwrap_or(1448);
+    Frame::Pad {
+        len: (2 * mss + 64).min(crate::frame::MAX_PAD) as u32,
+    }
 }
 
 /// One of a socket's kernel buffers.
@@ -859,6 +890,7 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
         let inner = inner.clone();
         async move {
             let mut out = Vec::with_capacity(2 << 20);
+            let mut last_write = Instant::now();
             loop {
                 if inner.closed.load(Ordering::Relaxed) || lock(&inner.fatal).is_some() {
                     let _ = wr.shutdown().await;
@@ -881,6 +913,10 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
                 tokio::pin!(woken);
                 woken.as_mut().enable();
                 out.clear();
+                if last_write.elapsed() >= IDLE_RESTART {
+                    restart_pad(fd).encode(&mut out);
+                }
+                let padding = out.len();
                 let next_timer = {
                     let mut c = lock(&inner.core);
                     let now = inner.now();
@@ -892,11 +928,11 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
                     }
                     c.poll_timeout(now)
                 };
-                if !out.is_empty() && inner.cfg.max_unsent_bytes.is_some() {
+                if out.len() > padding && inner.cfg.max_unsent_bytes.is_some() {
                     // The queue shrank: a source held by it may go on.
                     inner.room.notify_waiters();
                 }
-                if out.is_empty() {
+                if out.len() == padding {
                     let wait = next_timer
                         .map(|t| Duration::from_nanos(t.saturating_sub(inner.now())))
                         .unwrap_or(Duration::from_millis(200));
@@ -913,6 +949,7 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
                 {
                     return Err::<(), String>(e.to_string());
                 }
+                last_write = Instant::now();
             }
         }
     };
@@ -973,6 +1010,7 @@ fn client_frame(inner: &ClientInner, f: Frame) -> Result<(), String> {
             inner.fail(format!("peer closed the session: {reason}"));
             return Err(reason);
         }
+        Frame::Pad { .. } => {}
         other => {
             return Err(format!(
                 "unexpected {} frame from the receiver",
@@ -1293,12 +1331,18 @@ async fn serve_conn(
         return Err(format!("{peer}: more than {MAX_STREAMS} connections"));
     }
     tracing::info!(%peer, conn, "peer connection accepted");
+    let fd = tls.get_ref().0.as_raw_fd();
     let (mut rd, mut wr) = tokio::io::split(tls);
     let (out_tx, mut out_rx) = mpsc::channel::<Frame>(1024);
     let writer = tokio::spawn(async move {
         let mut out = Vec::new();
+        let mut last_write = Instant::now();
         while let Some(f) = out_rx.recv().await {
             out.clear();
+            if last_write.elapsed() >= IDLE_RESTART {
+                // (`fd` is valid while `wr` is: this task owns it.)
+                restart_pad(fd).encode(&mut out);
+            }
             f.encode(&mut out);
             while let Ok(more) = out_rx.try_recv() {
                 more.encode(&mut out);
@@ -1309,6 +1353,7 @@ async fn serve_conn(
             if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
                 return;
             }
+            last_write = Instant::now();
         }
         let _ = wr.shutdown().await;
     });
@@ -1518,6 +1563,7 @@ async fn server_frame(
             drop(recv);
         }
         Frame::Close { reason } => return Err(format!("{peer} closed: {reason}")),
+        Frame::Pad { .. } => {}
         other => return Err(format!("{peer}: unexpected {} frame", other.kind_name())),
     }
     Ok(())

@@ -308,3 +308,54 @@ async fn certificate_rotation_needs_no_restart() {
         "the new certificate was not picked up"
     );
 }
+
+/// Padding (what a connection's first write after an idle spell starts
+/// with) is taken and ignored, anywhere between frames.
+#[tokio::test]
+async fn padding_is_ignored() {
+    let pki = Pki::new();
+    let l = listener(&pki).await;
+    let mut s = raw_tls(&pki, l.local_addr()).await;
+    let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+    let mut out = frame(Frame::Hello {
+        session: [3; 16],
+        conn: 0,
+    });
+    for f in [
+        Frame::Pad { len: 3000 },
+        Frame::Open {
+            transfer: 1,
+            class: 1,
+            size_hint: payload.len() as u64,
+            name: "padded".into(),
+        },
+        Frame::Pad { len: 0 },
+        Frame::Data {
+            transfer: 1,
+            seq: 0,
+            fin: true,
+            payload: payload.clone(),
+        },
+    ] {
+        out.extend(frame(f));
+    }
+    s.write_all(&out).await.expect("write");
+    s.flush().await.expect("flush");
+    let mut inc = tokio::time::timeout(Duration::from_secs(10), l.accept())
+        .await
+        .expect("the transfer must open")
+        .expect("incoming");
+    assert_eq!(inc.name, "padded");
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), inc.chunks.recv())
+            .await
+            .expect("the transfer must complete")
+        {
+            Some(Chunk::Data(d)) => got.extend_from_slice(&d),
+            Some(Chunk::Done { .. }) => break,
+            None => panic!("the transfer was abandoned: padding refused?"),
+        }
+    }
+    assert_eq!(got, payload);
+}
