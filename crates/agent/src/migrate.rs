@@ -1823,27 +1823,35 @@ fn preload(
 /// the destination (a pause of 5 s).
 struct FirstRound {
     seen: Vec<Vec<u64>>,
-    pages: u64,
+    /// Pages seen.
+    count: u64,
+    /// Pages not yet seen.
     unseen: u64,
+    /// Pages seen by then, a little over [`FirstRound::HORIZON`] apart.
+    samples: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl FirstRound {
+    /// The first round is near its end when the relay, at the pace of its
+    /// last moments, would see the rest of its pages within this.
+    const HORIZON: Duration = Duration::from_millis(500);
+
     fn new(blocks: &[dwcp_vmstream::Block]) -> FirstRound {
-        let pages = blocks.iter().map(|b| b.pages()).sum();
         FirstRound {
             seen: blocks
                 .iter()
                 .map(|b| vec![0; b.pages().div_ceil(64) as usize])
                 .collect(),
-            pages,
-            unseen: pages,
+            count: 0,
+            unseen: blocks.iter().map(|b| b.pages()).sum(),
+            samples: Default::default(),
         }
     }
 
     /// Notes page `page` of block `block`. True once the first round is
-    /// near its end: a quarter of its pages left, or a page sent again
-    /// (a later round).
-    fn note(&mut self, block: u16, page: u64) -> bool {
+    /// near its end: its pages left would be seen within
+    /// [`Self::HORIZON`], or a page came again (a later round).
+    fn note(&mut self, block: u16, page: u64, now: Instant) -> bool {
         let Some(word) = self
             .seen
             .get_mut(block as usize)
@@ -1852,12 +1860,33 @@ impl FirstRound {
             return false;
         };
         let bit = 1 << (page % 64);
-        let again = *word & bit != 0;
-        if !again {
-            *word |= bit;
-            self.unseen = self.unseen.saturating_sub(1);
+        if *word & bit != 0 {
+            return true;
         }
-        again || self.unseen * 4 <= self.pages
+        *word |= bit;
+        self.count += 1;
+        self.unseen = self.unseen.saturating_sub(1);
+        if self
+            .samples
+            .back()
+            .is_none_or(|&(t, _)| now - t >= Self::HORIZON / 4)
+        {
+            self.samples.push_back((now, self.count));
+            while self.samples.len() > 2 && now - self.samples[1].0 >= Self::HORIZON {
+                self.samples.pop_front();
+            }
+        }
+        let Some(&(t, n)) = self.samples.front() else {
+            return false;
+        };
+        // (The pace of a moment is no guide: a stretch of zero pages goes
+        // by at millions a second.)
+        let secs = (now - t).as_secs_f64();
+        if secs < Self::HORIZON.as_secs_f64() / 2.0 {
+            return false;
+        }
+        let pace = (self.count - n) as f64 / secs;
+        self.unseen as f64 <= pace * Self::HORIZON.as_secs_f64()
     }
 }
 
@@ -1914,7 +1943,7 @@ fn encode_stream(
                         first_round = FirstRound::new(parser.blocks());
                     }
                     if let Item::Page(p) = &item {
-                        if first_round.note(p.block, p.page_index()) {
+                        if first_round.note(p.block, p.page_index(), Instant::now()) {
                             counters.near_the_end.store(true, Ordering::Relaxed);
                         }
                     }
@@ -2227,6 +2256,40 @@ impl AsyncRead for ChanReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_round_nears_its_end_at_the_relays_pace() {
+        let t0 = Instant::now();
+        let blocks = [dwcp_vmstream::Block {
+            name: "pc.ram".into(),
+            length_bytes: 10_000 * 4096,
+        }];
+        let mut r = FirstRound::new(&blocks);
+        // 10,000 pages at 1,000 a second: near the end once fewer than
+        // 500 (half a second's) are left, not before.
+        let mut first = None;
+        for p in 0..10_000u64 {
+            if r.note(0, p, t0 + Duration::from_millis(p)) && first.is_none() {
+                first = Some(p);
+            }
+        }
+        let first = first.expect("near the end before the round's end");
+        assert!(
+            (9_490..=9_510).contains(&first),
+            "near the end at page {first}"
+        );
+        // A burst at the start (zero pages go by at millions a second) is
+        // no guide.
+        let mut r = FirstRound::new(&blocks);
+        assert!((0..5_000).all(|p| !r.note(0, p, t0)));
+        // A page seen again is a later round; pages outside memory count
+        // for nothing.
+        let mut r = FirstRound::new(&blocks);
+        assert!(!r.note(0, 7, t0));
+        assert!(!r.note(3, 7, t0));
+        assert!(!r.note(0, 1 << 40, t0));
+        assert!(r.note(0, 7, t0));
+    }
 
     #[test]
     fn the_best_rate_is_over_a_second_and_never_falls() {
