@@ -913,10 +913,6 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
                 tokio::pin!(woken);
                 woken.as_mut().enable();
                 out.clear();
-                if last_write.elapsed() >= IDLE_RESTART {
-                    restart_pad(fd).encode(&mut out);
-                }
-                let padding = out.len();
                 let next_timer = {
                     let mut c = lock(&inner.core);
                     let now = inner.now();
@@ -928,11 +924,11 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
                     }
                     c.poll_timeout(now)
                 };
-                if out.len() > padding && inner.cfg.max_unsent_bytes.is_some() {
+                if !out.is_empty() && inner.cfg.max_unsent_bytes.is_some() {
                     // The queue shrank: a source held by it may go on.
                     inner.room.notify_waiters();
                 }
-                if out.len() == padding {
+                if out.is_empty() {
                     let wait = next_timer
                         .map(|t| Duration::from_nanos(t.saturating_sub(inner.now())))
                         .unwrap_or(Duration::from_millis(200));
@@ -942,6 +938,11 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
                 // write_all may leave TLS records buffered in rustls: flush,
                 // or the last frames before a pause never leave.
                 if let Err(e) = async {
+                    if last_write.elapsed() >= IDLE_RESTART {
+                        let mut pad = Vec::new();
+                        restart_pad(fd).encode(&mut pad);
+                        wr.write_all(&pad).await?;
+                    }
                     wr.write_all(&out).await?;
                     wr.flush().await
                 }
