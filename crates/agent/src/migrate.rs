@@ -1823,10 +1823,9 @@ fn preload(
 /// the destination (a pause of 5 s).
 struct FirstRound {
     seen: Vec<Vec<u64>>,
-    /// Pages seen.
+    /// Pages of the memory, and of them seen.
+    pages: u64,
     count: u64,
-    /// Pages not yet seen.
-    unseen: u64,
     /// Pages seen by then, a little over [`FirstRound::HORIZON`] apart.
     samples: std::collections::VecDeque<(Instant, u64)>,
 }
@@ -1842,8 +1841,8 @@ impl FirstRound {
                 .iter()
                 .map(|b| vec![0; b.pages().div_ceil(64) as usize])
                 .collect(),
+            pages: blocks.iter().map(|b| b.pages()).sum(),
             count: 0,
-            unseen: blocks.iter().map(|b| b.pages()).sum(),
             samples: Default::default(),
         }
     }
@@ -1865,7 +1864,6 @@ impl FirstRound {
         }
         *word |= bit;
         self.count += 1;
-        self.unseen = self.unseen.saturating_sub(1);
         if self
             .samples
             .back()
@@ -1886,7 +1884,8 @@ impl FirstRound {
             return false;
         }
         let pace = (self.count - n) as f64 / secs;
-        self.unseen as f64 <= pace * Self::HORIZON.as_secs_f64()
+        let unseen = self.pages.saturating_sub(self.count);
+        unseen as f64 <= pace * Self::HORIZON.as_secs_f64()
     }
 }
 
@@ -1942,12 +1941,12 @@ fn encode_stream(
                         names = parser.blocks().iter().map(|b| b.name.clone()).collect();
                         first_round = FirstRound::new(parser.blocks());
                     }
+                    let (before, t) = (enc.stats(), Instant::now());
                     if let Item::Page(p) = &item {
-                        if first_round.note(p.block, p.page_index(), Instant::now()) {
+                        if first_round.note(p.block, p.page_index(), t) {
                             counters.near_the_end.store(true, Ordering::Relaxed);
                         }
                     }
-                    let (before, t) = (enc.stats(), Instant::now());
                     enc.encode(item, &names).map_err(|e| e.to_string())?;
                     cost.encoded(&before, &enc.stats(), t.elapsed());
                 }

@@ -409,9 +409,9 @@ fn replicas_carry_only_what_the_other_store_lacks() {
     assert!(crate::replica::decode_objects(&[0, 0, 0, 2, b'{', b'}', 0, 0, 0, 0, 1]).is_err());
 }
 
-/// Encodes `s` as a source would, handing on a chunk every `piece` bytes.
-/// Encodes `s` fed in pieces of `piece` bytes, flushing after each piece,
-/// or (`flush_each` false) only compressing and flushing after the last.
+/// Encodes `s` as a source would, fed in pieces of `piece` bytes: flushing
+/// after each piece, or (`flush_each` false) only compressing and flushing
+/// after the last.
 fn wire_encode(
     enc: &mut crate::wire::WireEncoder,
     s: &[u8],
@@ -420,7 +420,7 @@ fn wire_encode(
 ) -> Vec<u8> {
     let mut p = StreamParser::new();
     let mut wire = Vec::new();
-    let pieces = s.chunks(piece).count();
+    let pieces = s.len().div_ceil(piece);
     for (i, chunk) in s.chunks(piece).enumerate() {
         p.feed(chunk);
         while let Some(item) = p.next_item().unwrap() {
