@@ -257,6 +257,7 @@ impl Manager {
         let _ = std::fs::remove_file(&sock);
         let mut launch_spec = vm.launch_spec(spec, accel, Some(sock.clone()));
         launch_spec.start_paused = paused;
+        self.warm.make_room(spec.memory_bytes);
         let mut launched = match launch(&self.qemu, &launch_spec, self.cfg.qmp_timeout).await {
             Ok(l) => l,
             Err(source) => {
@@ -353,8 +354,11 @@ impl Manager {
         tracing::info!(checkpoint = %id, peer = %to, objects, sent = want.len(), bytes_sent, "checkpoint replicated");
         // A migration to that peer may follow: the bases of its deltas are
         // this checkpoint's pages.
-        self.warm
-            .build_in_background(self.pages.clone(), id.to_string());
+        self.warm.build_in_background(
+            self.pages.clone(),
+            (manifest.vm.clone(), id.to_string()),
+            false,
+        );
         Ok(info)
     }
 
@@ -387,7 +391,11 @@ impl Manager {
                     tracing::info!(checkpoint = %stored.id, from = %origin, "replica stored");
                     // A migration of the VM here may follow: its QEMU
                     // will map the replica's memory.
-                    warm.build_in_background(pages.clone(), stored.id.clone());
+                    warm.build_in_background(
+                        pages.clone(),
+                        (stored.vm.clone(), stored.id.clone()),
+                        true,
+                    );
                     serde_json::to_vec(&stored).map_err(|e| HdeError::Stream(e.to_string()))
                 })
                 .await

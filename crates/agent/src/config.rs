@@ -59,6 +59,10 @@ pub struct AgentConfig {
     pub qmp_timeout: Duration,
     /// VMs may together be given at most this share of host memory.
     pub memory_overcommit: f64,
+    /// Share of host memory that may hold replicas' memory in RAM, ready
+    /// for a migration of their VMs to this node (0: none). Held memory
+    /// is given up as soon as a VM here needs it.
+    pub warm_memory_share: f64,
     /// zstd level for new pages in the page store (1 fastest, 19 smallest).
     pub checkpoint_zstd_level: i32,
     /// Bytes per second a checkpoint may read from QEMU (0: no limit), to
@@ -108,6 +112,7 @@ impl Default for AgentConfig {
             stop_timeout: Duration::from_secs(30),
             qmp_timeout: Duration::from_secs(10),
             memory_overcommit: 1.0,
+            warm_memory_share: 0.25,
             checkpoint_zstd_level: 3,
             checkpoint_max_bandwidth: 0,
             identity: None,
@@ -180,6 +185,12 @@ impl AgentConfig {
             return bad(format!(
                 "memory_overcommit {} is out of range (0.1 to 8)",
                 self.memory_overcommit
+            ));
+        }
+        if !(0.0..=0.9).contains(&self.warm_memory_share) {
+            return bad(format!(
+                "warm_memory_share {} is out of range (0 to 0.9)",
+                self.warm_memory_share
             ));
         }
         for name in self.peers.keys() {

@@ -296,7 +296,10 @@ impl Manager {
             let vm = Vm::new(&cfg.data_dir, rec);
             vms.insert(vm.name.clone(), vm);
         }
-        let warm = Arc::new(crate::warm::WarmImages::new(&cfg.data_dir));
+        let warm = Arc::new(crate::warm::WarmImages::new(
+            &cfg.data_dir,
+            (host_memory_bytes() as f64 * cfg.warm_memory_share) as u64,
+        ));
         let data_dir = cfg.data_dir.clone();
         let manager = Arc::new(Manager {
             cfg,
@@ -588,6 +591,7 @@ impl Manager {
             source,
         })?;
         let launch_spec = vm.launch_spec(&spec, report.accel, None);
+        self.warm.make_room(spec.memory_bytes);
         let started = Instant::now();
         match launch(&self.qemu, &launch_spec, self.cfg.qmp_timeout).await {
             Ok(l) => {
@@ -939,16 +943,25 @@ pub fn format_chain(e: &dyn std::error::Error) -> String {
 }
 
 pub fn host_memory_bytes() -> u64 {
+    meminfo("MemTotal:").unwrap_or(0)
+}
+
+/// Host memory that can be had without swapping (the kernel's estimate).
+pub(crate) fn host_memory_available_bytes() -> u64 {
+    meminfo("MemAvailable:").unwrap_or(0)
+}
+
+/// A `/proc/meminfo` figure in bytes.
+fn meminfo(key: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
         .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<u64>().ok())
-        })
         .map(|kib| kib * 1024)
-        .unwrap_or(0)
 }
 
 fn host_name() -> String {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use dwcp_api::{VmSpec, VmState};
 use dwcp_hde::wire::{WireEncoder, WireStats};
 use dwcp_hypervisor::qemu::MAIN_RAM_BLOCK;
-use dwcp_hypervisor::{launch, Accel, Launched, Qmp};
+use dwcp_hypervisor::{launch, Accel, Launched, MemoryFile, Qmp};
 use dwcp_transport::{Chunk, Class, TransportConfig};
 use dwcp_vmstream::{Item, StreamParser};
 use serde::{Deserialize, Serialize};
@@ -253,6 +253,9 @@ pub(crate) struct IncomingMigration {
     /// The source.
     from: String,
     fed: tokio::task::JoinHandle<Result<Option<Held>, String>>,
+    /// The image whose copy in memory its QEMU maps: held again if the
+    /// migration fails.
+    rehold: Option<std::path::PathBuf>,
 }
 
 pub(crate) type IncomingMigrations = Mutex<HashMap<String, IncomingMigration>>;
@@ -910,8 +913,28 @@ impl Manager {
         let _ = std::fs::remove_file(&sock);
         let mut spec = vm.launch_spec(&p.spec, accel, Some(sock.clone()));
         spec.start_paused = true;
-        spec.memory_file = offer.image.clone();
-        let launched = match launch(&self.qemu, &spec, self.cfg.qmp_timeout).await {
+        // The replica's memory: its copy held in memory, mapped shared (and
+        // so used up), else its image on disk, mapped privately.
+        let held = (offer.image.as_deref()).and_then(|i| self.warm.take(&p.spec.name, i));
+        spec.memory_file = match (&held, &offer.image) {
+            (Some(h), _) => Some(MemoryFile::Shared(h.path())),
+            (None, Some(i)) => Some(MemoryFile::Private(i.clone())),
+            (None, None) => None,
+        };
+        if held.is_none() {
+            self.warm.make_room(p.spec.memory_bytes);
+        }
+        let replica_memory = match &spec.memory_file {
+            Some(MemoryFile::Shared(_)) => "held",
+            Some(MemoryFile::Private(_)) => "image",
+            None => "none",
+        };
+        // (If this migration fails, the copy is made again.)
+        let rehold = held.as_ref().map(|h| h.image().to_owned());
+        let launched = launch(&self.qemu, &spec, self.cfg.qmp_timeout).await;
+        // QEMU has mapped the held memory (it answers QMP only after).
+        drop(held);
+        let launched = match launched {
             Ok(l) => {
                 let mut c = lock(&vm.cell);
                 c.rec.runtime = Some(crate::store::Runtime {
@@ -925,6 +948,9 @@ impl Manager {
             }
             Err(source) => {
                 let _ = self.delete(&p.spec.name, true).await;
+                if let Some(image) = rehold {
+                    self.warm.hold_in_background(p.spec.name.clone(), image);
+                }
                 return Err(AgentError::Qemu {
                     name: p.spec.name.clone(),
                     source,
@@ -954,9 +980,10 @@ impl Manager {
                 accel,
                 from: peer.to_string(),
                 fed,
+                rehold,
             },
         );
-        tracing::info!(vm = %p.spec.name, from = %peer, id = %p.id, "incoming migration prepared");
+        tracing::info!(vm = %p.spec.name, from = %peer, id = %p.id, replica_memory = %replica_memory, "incoming migration prepared");
         Ok(())
     }
 
@@ -1025,6 +1052,9 @@ impl Manager {
         let _ = tokio::time::timeout(Duration::from_secs(5), m.launched.child.wait()).await;
         if let Err(e) = self.delete(&m.vm, true).await {
             tracing::warn!(vm = %m.vm, "cannot remove the VM of a failed incoming migration: {}", crate::format_chain(&e));
+        }
+        if let Some(image) = m.rehold {
+            self.warm.hold_in_background(m.vm, image);
         }
     }
 }

@@ -296,18 +296,65 @@ fn live_migration_keeps_the_guest_counting() {
 
 #[test]
 fn a_replica_at_the_destination_leaves_little_to_send() {
-    let pair = Pair::new(
+    let mut pair = Pair::new(
         "h",
         &[("rate", "100mbit"), ("delay", "25ms"), ("loss", "0.5%")],
     );
-    let (alpha, beta) = pair.agents();
+    // alpha holds no replica's memory in RAM: a replica there is mapped
+    // from its image on disk.
+    std::fs::write(
+        pair.tmp.path().join("cold.toml"),
+        "warm_memory_share = 0.0\n",
+    )
+    .expect("config");
+    let cold = pair.path("cold.toml");
+    let alpha = pair.agent(
+        "alpha",
+        "a",
+        &["--config", cold.as_str()],
+        &[format!("beta={}", pair.amst("b"))],
+    );
+    let beta = pair.beta();
     alpha.create_guest(
         "web",
         "dwcp.mem_mb=32 dwcp.fill=random dwcp.dirty_pages=300",
     );
     alpha.wait_tick("web", 2, Duration::from_secs(90));
     alpha.ok(&["vm", "checkpoint", "web", "--replicate-to", "beta"]);
-    std::thread::sleep(Duration::from_secs(3));
+    let held = |agent: &Agent, n: usize| {
+        wait_for("the replica's memory held", Duration::from_secs(60), || {
+            (agent
+                .log()
+                .matches("replica's memory held for a migration")
+                .count()
+                >= n)
+                .then_some(())
+        })
+    };
+    held(&beta, 1);
+    // A migration that fails (cancelled, on a link too far for it to end
+    // first) uses up the held copy: its QEMU wrote into it. The copy is
+    // made again.
+    let mut link = |delay: &str| {
+        let settings = vec![("delay".to_string(), delay.to_string())];
+        pair.lab
+            .set(settings, Vec::new(), false)
+            .expect("netlab set");
+    };
+    link("1000ms");
+    let child = alpha.spawn_cli(&["vm", "migrate", "web", "--to", "beta"]);
+    wait_for(
+        "the destination to prepare",
+        Duration::from_secs(30),
+        || beta.log().contains("replica_memory=held").then_some(()),
+    );
+    alpha.ok(&["vm", "migrate", "web", "--cancel"]);
+    let out = child.wait_with_output().expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cancelled"), "{err}");
+    link("25ms");
+    held(&beta, 2);
+    runs_on(&alpha, "web");
     let r: Value =
         serde_json::from_str(&alpha.ok(&["vm", "migrate", "web", "--to", "beta", "--json"]))
             .expect("json");
@@ -336,6 +383,29 @@ fn a_replica_at_the_destination_leaves_little_to_send() {
     assert_eq!(beta.state("web"), "running");
     let t = beta.wait_tick("web", 0, Duration::from_secs(60));
     beta.wait_tick("web", t + 2, Duration::from_secs(60));
+    assert_eq!(beta.log().matches("replica_memory=held").count(), 2);
+
+    // Back, onto a replica that alpha maps from disk.
+    beta.ok(&["vm", "checkpoint", "web", "--replicate-to", "alpha"]);
+    // (The first image laid out there was of alpha's own checkpoint.)
+    wait_for(
+        "alpha to lay out the replica",
+        Duration::from_secs(60),
+        || (alpha.log().matches("checkpoint's memory laid out").count() >= 2).then_some(()),
+    );
+    let r: Value =
+        serde_json::from_str(&beta.ok(&["vm", "migrate", "web", "--to", "alpha", "--json"]))
+            .expect("json");
+    assert!(r["mapped_pages"].as_u64().expect("mapped") > 7000, "{r}");
+    assert!(
+        alpha.log().contains("replica_memory=image"),
+        "{}",
+        alpha.log()
+    );
+    assert!(!alpha.log().contains("replica's memory held for"));
+    assert_eq!(alpha.state("web"), "running");
+    let t = alpha.wait_tick("web", 0, Duration::from_secs(60));
+    alpha.wait_tick("web", t + 2, Duration::from_secs(60));
 }
 
 /// Two agents on a slow link (so a migration takes a while).

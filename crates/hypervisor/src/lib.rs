@@ -21,7 +21,7 @@ pub mod qmp;
 
 pub use accel::{AccelReport, ProbeGuest};
 pub use qemu::{
-    launch, process_alive, process_matches, LaunchSpec, Launched, QemuBinary, QemuError,
+    launch, process_alive, process_matches, LaunchSpec, Launched, MemoryFile, QemuBinary, QemuError,
 };
 pub use qmp::{Qmp, QmpError, QmpEvent};
 

@@ -113,11 +113,22 @@ pub struct LaunchSpec {
     pub incoming: Option<PathBuf>,
     /// Do not start the guest's CPUs (`-S`); `cont` starts them.
     pub start_paused: bool,
-    /// Map the main memory ([`MAIN_RAM_BLOCK`]) privately from this file
-    /// (as long as the memory; holes read as zeros): the guest starts out
-    /// with the file's contents, and its writes never reach the file. An
-    /// incoming migration then need not carry the pages the file holds.
-    pub memory_file: Option<PathBuf>,
+    /// Map the main memory ([`MAIN_RAM_BLOCK`]) from a file (as long as the
+    /// memory; holes read as zeros): the guest starts out with the file's
+    /// contents. An incoming migration then need not carry the pages the
+    /// file holds.
+    pub memory_file: Option<MemoryFile>,
+}
+
+/// A file the guest's main memory is mapped from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryFile {
+    /// Privately: the guest's writes never reach the file, and each page
+    /// the guest writes is copied into fresh memory first.
+    Private(PathBuf),
+    /// Shared: the file (in memory, e.g. a memfd) is the guest's memory,
+    /// and the guest writes into its pages where they are.
+    Shared(PathBuf),
 }
 
 /// The name of the q35 machine's main memory in the migration stream. A
@@ -170,10 +181,14 @@ impl LaunchSpec {
             a.push("-append".into());
             a.push(ap.clone());
         }
-        if let Some(f) = &self.memory_file {
+        if let Some(m) = &self.memory_file {
+            let (f, share) = match m {
+                MemoryFile::Private(f) => (f, "off"),
+                MemoryFile::Shared(f) => (f, "on"),
+            };
             a.push("-object".into());
             a.push(format!(
-                "memory-backend-file,id={MAIN_RAM_BLOCK},size={}M,mem-path={},share=off",
+                "memory-backend-file,id={MAIN_RAM_BLOCK},size={}M,mem-path={},share={share}",
                 self.memory_bytes >> 20,
                 escape(f)
             ));
@@ -388,7 +403,7 @@ mod tests {
             qemu_log: "/run/q.log".into(),
             incoming: Some("/run/in.sock".into()),
             start_paused: true,
-            memory_file: Some("/w,1.ram".into()),
+            memory_file: Some(MemoryFile::Private("/w,1.ram".into())),
         };
         let a = spec.args().join(" ");
         for want in [
@@ -408,6 +423,15 @@ mod tests {
         ] {
             assert!(a.contains(want), "{want:?} missing from {a}");
         }
+        let shared = LaunchSpec {
+            memory_file: Some(MemoryFile::Shared("/proc/7/fd/9".into())),
+            ..spec
+        };
+        let a = shared.args().join(" ");
+        assert!(
+            a.contains("memory-backend-file,id=pc.ram,size=256M,mem-path=/proc/7/fd/9,share=on"),
+            "{a}"
+        );
     }
 
     #[test]
