@@ -428,6 +428,8 @@ impl Manager {
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
             host_memory_bytes: host_memory_bytes(),
+            warm_memory_bytes: self.warm.held_bytes(),
+            warm_memory_budget_bytes: self.warm.budget(),
             data_dir: self.cfg.data_dir.display().to_string(),
             vms_total: vms.len(),
             vms_running: vms.values().filter(|v| v.state().has_process()).count(),

@@ -240,6 +240,16 @@ impl WarmImages {
         std::thread::spawn(move || me.hold(&vm, &image));
     }
 
+    /// Bytes held in memory now.
+    pub(crate) fn held_bytes(&self) -> u64 {
+        lock(&self.held).values().map(|h| h.bytes).sum()
+    }
+
+    /// Bytes that may be held.
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget
+    }
+
     /// The held copy of `image` of VM `vm`, if there is one: it is the
     /// caller's now (for one QEMU).
     pub(crate) fn take(&self, vm: &str, image: &Path) -> Option<HeldMemory> {

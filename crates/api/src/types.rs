@@ -382,6 +382,10 @@ pub struct NodeInfo {
     pub accel_reason: String,
     pub host_cpus: u32,
     pub host_memory_bytes: u64,
+    /// Memory holding replicas' memory ready for their VMs to migrate here,
+    /// and how much may (`warm_memory_share`).
+    pub warm_memory_bytes: u64,
+    pub warm_memory_budget_bytes: u64,
     pub data_dir: String,
     pub vms_total: usize,
     pub vms_running: usize,

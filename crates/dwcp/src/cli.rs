@@ -355,6 +355,14 @@ fn print_node(n: &NodeInfo) {
             "vms",
             format!("{} ({} running)", n.vms_total, n.vms_running),
         ),
+        (
+            "replicas",
+            format!(
+                "{} of memory held for migrations here (up to {})",
+                format_bytes(n.warm_memory_bytes),
+                format_bytes(n.warm_memory_budget_bytes)
+            ),
+        ),
         ("data dir", n.data_dir.clone()),
         ("agent", n.agent_version.clone()),
     ] {

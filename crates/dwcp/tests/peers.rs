@@ -332,6 +332,11 @@ fn a_replica_at_the_destination_leaves_little_to_send() {
         })
     };
     held(&beta, 1);
+    let warm = |agent: &Agent| {
+        let n: Value = serde_json::from_str(&agent.ok(&["node", "info", "--json"])).expect("json");
+        n["warm_memory_bytes"].as_u64().expect("warm memory")
+    };
+    assert_eq!(warm(&beta), 128 << 20);
     // A migration that fails (cancelled, on a link too far for it to end
     // first) uses up the held copy: its QEMU wrote into it. The copy is
     // made again.
@@ -384,6 +389,8 @@ fn a_replica_at_the_destination_leaves_little_to_send() {
     let t = beta.wait_tick("web", 0, Duration::from_secs(60));
     beta.wait_tick("web", t + 2, Duration::from_secs(60));
     assert_eq!(beta.log().matches("replica_memory=held").count(), 2);
+    // The copy became the VM's memory.
+    assert_eq!(warm(&beta), 0);
 
     // Back, onto a replica that alpha maps from disk.
     beta.ok(&["vm", "checkpoint", "web", "--replicate-to", "alpha"]);
