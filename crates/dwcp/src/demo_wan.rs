@@ -91,9 +91,14 @@ impl Wan<'_> {
 
 impl Drop for Wan<'_> {
     fn drop(&mut self) {
+        // The guest's QEMU outlives its agent (by design): end it first,
+        // wherever it is.
+        for host in ["a", "b"] {
+            let _ = self.run(host, &["vm", "delete", "wan", "--force"]);
+        }
         for agent in &mut self.agents {
             // SAFETY: plain kill(2) on a child we started. SIGTERM: the
-            // agent stops its VMs and exits.
+            // agent exits.
             unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(20) {
