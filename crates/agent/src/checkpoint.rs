@@ -20,7 +20,7 @@ use dwcp_api::{
     CheckpointHealth, CheckpointInfo, DeleteCheckpointResult, VerifyResult, VmInfo, VmSpec, VmState,
 };
 use dwcp_hde::{HdeError, Manifest, PageStore};
-use dwcp_hypervisor::{launch, Accel, Qmp};
+use dwcp_hypervisor::{Accel, Qmp};
 use dwcp_vmstream::StreamParser;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -257,8 +257,7 @@ impl Manager {
         let _ = std::fs::remove_file(&sock);
         let mut launch_spec = vm.launch_spec(spec, accel, Some(sock.clone()));
         launch_spec.start_paused = paused;
-        self.warm.make_room(spec.memory_bytes);
-        let mut launched = match launch(&self.qemu, &launch_spec, self.cfg.qmp_timeout).await {
+        let mut launched = match self.launch_qemu(&launch_spec).await {
             Ok(l) => l,
             Err(source) => {
                 return Err(AgentError::Qemu {

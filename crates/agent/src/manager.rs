@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use dwcp_api::{format_bytes, ErrorCode, NodeInfo, StopRequest, VmInfo, VmSpec, VmState};
 use dwcp_hypervisor::qemu::{describe_exit, log_tail, resident_bytes, signal};
 use dwcp_hypervisor::{
-    accel, launch, process_alive, process_matches, Accel, AccelReport, LaunchSpec, QemuBinary,
-    QemuError, Qmp, QmpError,
+    accel, launch, process_alive, process_matches, Accel, AccelReport, LaunchSpec, Launched,
+    MemoryFile, QemuBinary, QemuError, Qmp, QmpError,
 };
 use tokio::sync::watch;
 
@@ -411,6 +411,15 @@ impl Manager {
         report.unwrap_or_else(fallback_accel)
     }
 
+    /// Starts QEMU for `spec`, giving up first the replica memory held
+    /// here that the VM needs (unless its memory is such a copy).
+    pub(crate) async fn launch_qemu(&self, spec: &LaunchSpec) -> Result<Launched, QemuError> {
+        if !matches!(spec.memory_file, Some(MemoryFile::Shared(_))) {
+            self.warm.make_room(spec.memory_bytes);
+        }
+        launch(&self.qemu, spec, self.cfg.qmp_timeout).await
+    }
+
     pub fn node_info(&self) -> NodeInfo {
         let (accel, reason) = match &*self.accel.borrow() {
             Some(r) => (r.accel.to_string(), r.reason.clone()),
@@ -593,9 +602,8 @@ impl Manager {
             source,
         })?;
         let launch_spec = vm.launch_spec(&spec, report.accel, None);
-        self.warm.make_room(spec.memory_bytes);
         let started = Instant::now();
-        match launch(&self.qemu, &launch_spec, self.cfg.qmp_timeout).await {
+        match self.launch_qemu(&launch_spec).await {
             Ok(l) => {
                 let pid = l.pid;
                 self.adopt(vm, l, report.accel, false);

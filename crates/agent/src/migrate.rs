@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use dwcp_api::{VmSpec, VmState};
 use dwcp_hde::wire::{WireEncoder, WireStats};
 use dwcp_hypervisor::qemu::MAIN_RAM_BLOCK;
-use dwcp_hypervisor::{launch, Accel, Launched, MemoryFile, Qmp};
+use dwcp_hypervisor::{Accel, Launched, MemoryFile, Qmp};
 use dwcp_transport::{Chunk, Class, TransportConfig};
 use dwcp_vmstream::{Item, StreamParser};
 use serde::{Deserialize, Serialize};
@@ -921,9 +921,6 @@ impl Manager {
             (None, Some(i)) => Some(MemoryFile::Private(i.clone())),
             (None, None) => None,
         };
-        if held.is_none() {
-            self.warm.make_room(p.spec.memory_bytes);
-        }
         let replica_memory = match &spec.memory_file {
             Some(MemoryFile::Shared(_)) => "held",
             Some(MemoryFile::Private(_)) => "image",
@@ -931,7 +928,7 @@ impl Manager {
         };
         // (If this migration fails, the copy is made again.)
         let rehold = held.as_ref().map(|h| h.image().to_owned());
-        let launched = launch(&self.qemu, &spec, self.cfg.qmp_timeout).await;
+        let launched = self.launch_qemu(&spec).await;
         // QEMU has mapped the held memory (it answers QMP only after).
         drop(held);
         let launched = match launched {

@@ -207,7 +207,7 @@ impl WarmImages {
             held.remove(vm);
             held.values().map(|h| h.bytes).sum()
         };
-        let (available, reserve) = (host_memory_available_bytes(), host_memory_bytes() / 8);
+        let (available, reserve) = (host_memory_available_bytes(), reserve());
         if others + bytes > self.budget || available < bytes + reserve {
             tracing::info!(
                 vm,
@@ -261,9 +261,9 @@ impl WarmImages {
     }
 
     /// Gives up held copies until the host has `bytes` more to give than
-    /// its reserve (an eighth of its memory), or none is left.
+    /// its reserve, or none is left.
     pub(crate) fn make_room(&self, bytes: u64) {
-        let reserve = host_memory_bytes() / 8;
+        let reserve = reserve();
         let mut held = lock(&self.held);
         while host_memory_available_bytes() < bytes + reserve {
             let Some(vm) = held.keys().next().cloned() else {
@@ -284,6 +284,11 @@ impl WarmImages {
         drop(self.take(vm, &f));
         let _ = std::fs::remove_file(f);
     }
+}
+
+/// Host memory that held copies always leave available: an eighth.
+fn reserve() -> u64 {
+    host_memory_bytes() / 8
 }
 
 /// The index of the main memory among a checkpoint's blocks: the block an
