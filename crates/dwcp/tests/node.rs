@@ -18,13 +18,16 @@ fn accel_detection_decides_quickly_and_the_choice_boots() {
         tmp.path(),
         &["--accel", "auto", "--probe-guest-dir", &guest],
     );
-    // The probe is bounded (20 s by default): detection never hangs.
+    // The probe is bounded (20 s by default): detection never hangs, and
+    // a KVM that stalls the guest is found out by its silent console well
+    // before that.
     let node = wait_for("accelerator detection", Duration::from_secs(40), || {
         let n: serde_json::Value =
             serde_json::from_str(&agent.ok(&["node", "info", "--json"])).expect("json");
         (n["accel"] != "detecting").then_some(n)
     });
-    assert!(started.elapsed() < Duration::from_secs(40));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "{took:?}: {node}");
     let accel = node["accel"].as_str().unwrap_or("");
     assert!(accel == "kvm" || accel == "tcg", "{node}");
     assert!(!node["accel_reason"].as_str().unwrap_or("").is_empty());

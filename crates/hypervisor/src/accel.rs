@@ -4,7 +4,10 @@
 //! guest and then stall it in early boot. So, given a probe guest, we boot it
 //! under KVM with a deadline and wait for it to print `DWCP-PROBE-OK`; if it
 //! does not, TCG it is. The probe QEMU is always killed at the deadline, so
-//! detection never hangs.
+//! detection never hangs. The guest boots with its console verbose, so a
+//! stall shows early as silence: a KVM that boots prints a line at least
+//! every few tenths of a second, one that stalls stops after the real-mode
+//! setup's `Probing EDD` and would otherwise cost the whole deadline.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,6 +21,12 @@ use crate::qemu::QemuBinary;
 use crate::Accel;
 
 const PROBE_MARKER: &str = "DWCP-PROBE-OK";
+
+/// The probe guest is taken to have stalled after this long without a
+/// byte on its console (within the overall deadline). A boot under KVM
+/// here, the kernel decompressing itself included, is never silent for
+/// more than a second.
+const PROBE_SILENCE: Duration = Duration::from_secs(5);
 
 /// A kernel and initrd whose init prints `DWCP-PROBE-OK` when booted with
 /// `dwcp.probe=1` (the test guest does).
@@ -87,15 +96,17 @@ async fn boot_probe(
         .map_err(|e| format!("the probe QEMU could not start ({e})"))?;
     let mut stdout = child.stdout.take().ok_or("the probe QEMU has no stdout")?;
     let mut seen = Vec::new();
+    let silence = PROBE_SILENCE.min(timeout);
     let outcome = tokio::time::timeout(timeout, async {
         let mut buf = [0u8; 4096];
         loop {
-            match stdout.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => {
+            match tokio::time::timeout(silence, stdout.read(&mut buf)).await {
+                Err(_) => return Probe::Silent,
+                Ok(Ok(0) | Err(_)) => return Probe::Ended,
+                Ok(Ok(n)) => {
                     seen.extend_from_slice(&buf[..n]);
                     if contains(&seen, PROBE_MARKER.as_bytes()) {
-                        return true;
+                        return Probe::Booted;
                     }
                     if seen.len() > 1 << 20 {
                         seen.drain(..seen.len() - 4096);
@@ -108,8 +119,8 @@ async fn boot_probe(
     let _ = child.start_kill();
     let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     match outcome {
-        Ok(true) => Ok(started.elapsed()),
-        Ok(false) => {
+        Ok(Probe::Booted) => Ok(started.elapsed()),
+        Ok(Probe::Ended) => {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
                 let _ =
@@ -129,11 +140,35 @@ async fn boot_probe(
                 }
             ))
         }
+        Ok(Probe::Silent) => Err(format!(
+            "the probe guest stalled under KVM: its console was silent for {:.0} s{}",
+            silence.as_secs_f64(),
+            match last_line(&seen) {
+                Some(l) => format!(" after \"{l}\""),
+                None => " from the start".into(),
+            }
+        )),
         Err(_) => Err(format!(
             "the probe guest did not boot under KVM within {:.0} s (stalled)",
             timeout.as_secs_f64()
         )),
     }
+}
+
+/// How a probe boot ended, short of its deadline.
+enum Probe {
+    Booted,
+    /// QEMU closed its console (it exited).
+    Ended,
+    /// Nothing on the console for [`PROBE_SILENCE`].
+    Silent,
+}
+
+/// The last non-empty line of the console, shortened, for the reason.
+fn last_line(console: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(console);
+    let line = text.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    Some(line.chars().filter(|c| !c.is_control()).take(80).collect())
 }
 
 fn probe_args(probe: &ProbeGuest) -> Vec<String> {
@@ -156,7 +191,7 @@ fn probe_args(probe: &ProbeGuest) -> Vec<String> {
         "-initrd".into(),
         probe.initrd.display().to_string(),
         "-append".into(),
-        "console=ttyS0 quiet panic=-1 dwcp.probe=1".into(),
+        "console=ttyS0 earlyprintk=serial panic=-1 dwcp.probe=1".into(),
     ]
 }
 
