@@ -195,6 +195,52 @@ impl WarmImages {
         });
     }
 
+    /// After a restart (held copies live in this process's memory and
+    /// went with the last one): holds again the newest replica of each VM
+    /// in `replicas` (checkpoint manifests from the store, a VM's newest
+    /// last), laying its image out first where it is missing. The newest
+    /// replicas come first, while there is room. One thread, one VM after
+    /// another.
+    pub(crate) fn restore(
+        self: &Arc<Self>,
+        store: Arc<PageStore>,
+        replicas: Vec<dwcp_hde::Manifest>,
+    ) {
+        let mut newest: HashMap<&str, &dwcp_hde::Manifest> = HashMap::new();
+        for m in &replicas {
+            newest.insert(&m.vm, m);
+        }
+        let mut wanted: Vec<(String, String, u64, u64)> = newest
+            .into_values()
+            .filter(|m| m.origin.is_some())
+            .filter_map(|m| {
+                let block = main_block(&m.blocks)?;
+                let size = m.blocks[block as usize].length_bytes;
+                Some((m.vm.clone(), m.id.clone(), size, m.created_unix_ms))
+            })
+            .collect();
+        if wanted.is_empty() || self.budget == 0 {
+            return;
+        }
+        wanted.sort_by_key(|w| std::cmp::Reverse(w.3));
+        let me = self.clone();
+        std::thread::spawn(move || {
+            for (vm, id, size, _) in wanted {
+                let image = match me.find(&vm, &id, size) {
+                    Some(path) => path,
+                    None => match me.build(&store, &id) {
+                        Ok((path, _)) => path,
+                        Err(e) => {
+                            tracing::warn!(checkpoint = %id, "cannot lay out the replica's memory again: {e}");
+                            continue;
+                        }
+                    },
+                };
+                me.hold(&vm, &image);
+            }
+        });
+    }
+
     /// Holds a copy of `image` (of VM `vm`) in memory, in place of the
     /// VM's older one, if the budget and the host's free memory allow.
     pub(crate) fn hold(&self, vm: &str, image: &Path) {

@@ -314,7 +314,7 @@ fn a_replica_at_the_destination_leaves_little_to_send() {
         &["--config", cold.as_str()],
         &[format!("beta={}", pair.amst("b"))],
     );
-    let beta = pair.beta();
+    let mut beta = pair.beta();
     alpha.create_guest(
         "web",
         "dwcp.mem_mb=32 dwcp.fill=random dwcp.dirty_pages=300",
@@ -359,6 +359,12 @@ fn a_replica_at_the_destination_leaves_little_to_send() {
     assert!(!out.status.success() && err.contains("cancelled"), "{err}");
     link("25ms");
     held(&beta, 2);
+    // Held copies live in the agent's memory: a restarted agent makes
+    // them again.
+    beta.signal_and_wait(libc::SIGTERM);
+    beta = pair.beta();
+    held(&beta, 3);
+    assert_eq!(warm(&beta), 128 << 20);
     runs_on(&alpha, "web");
     let r: Value =
         serde_json::from_str(&alpha.ok(&["vm", "migrate", "web", "--to", "beta", "--json"]))
