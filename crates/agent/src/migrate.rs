@@ -1948,6 +1948,8 @@ fn encode_stream(
     // link, for the destination.
     let t0 = Instant::now();
     let mut waited = [Duration::ZERO; 3];
+    // And where its work went: parsing and encoding, compressing.
+    let mut worked = [Duration::ZERO; 2];
     let mut cost = RelayCost::default();
     let mut last_log = t0;
     loop {
@@ -1975,7 +1977,9 @@ fn encode_stream(
                         }
                     }
                     enc.encode(item, &names).map_err(|e| e.to_string())?;
-                    cost.encoded(&before, &enc.stats(), t.elapsed());
+                    let took = t.elapsed();
+                    worked[0] += took;
+                    cost.encoded(&before, &enc.stats(), took);
                 }
                 Ok(None) => break,
                 Err(e) => return Err(format!("QEMU's stream: {e}")),
@@ -1993,6 +1997,7 @@ fn encode_stream(
         }
         .map_err(|e| e.to_string())?;
         let mut flushed = !more;
+        worked[1] += t.elapsed();
         cost.flushed((out.len() - wire_before) as u64, t.elapsed());
         if let Some((rate, wire_per_million)) = cost.rates() {
             counters.source_rate.store(rate, Ordering::Relaxed);
@@ -2100,11 +2105,14 @@ fn encode_stream(
     waited[1] += hand_on(&mut out, &tx, counters, &enc)?;
     drop(tx);
     let [qemu, link, destination] = waited.map(|d| d.as_secs_f64());
+    let [encoding, compressing] = worked.map(|d| d.as_secs_f64());
     tracing::info!(
         secs = t0.elapsed().as_secs_f64(),
         waiting_for_qemu = qemu,
         waiting_for_link = link,
         waiting_for_destination = destination,
+        encoding,
+        compressing,
         "relay done"
     );
     let (stats, preloaded) = (enc.stats(), enc.preloading());
