@@ -916,16 +916,12 @@ impl Manager {
         // The replica's memory: its copy held in memory, mapped shared (and
         // so used up), else its image on disk, mapped privately.
         let held = (offer.image.as_deref()).and_then(|i| self.warm.take(&p.spec.name, i));
-        spec.memory_file = match (&held, &offer.image) {
-            (Some(h), _) => Some(MemoryFile::Shared(h.path())),
-            (None, Some(i)) => Some(MemoryFile::Private(i.clone())),
-            (None, None) => None,
+        let (memory_file, replica_memory) = match (&held, &offer.image) {
+            (Some(h), _) => (Some(MemoryFile::Shared(h.path())), "held"),
+            (None, Some(i)) => (Some(MemoryFile::Private(i.clone())), "image"),
+            (None, None) => (None, "none"),
         };
-        let replica_memory = match &spec.memory_file {
-            Some(MemoryFile::Shared(_)) => "held",
-            Some(MemoryFile::Private(_)) => "image",
-            None => "none",
-        };
+        spec.memory_file = memory_file;
         // (If this migration fails, the copy is made again.)
         let rehold = held.as_ref().map(|h| h.image().to_owned());
         let launched = self.launch_qemu(&spec).await;
