@@ -1966,7 +1966,7 @@ fn encode_stream(
                         names = parser.blocks().iter().map(|b| b.name.clone()).collect();
                         first_round = FirstRound::new(parser.blocks());
                     }
-                    let (before, t) = (enc.stats(), Instant::now());
+                    let (before, t) = (*enc.counts(), Instant::now());
                     if let Item::Page(p) = &item {
                         if first_round.note(p.block, p.page_index(), t) {
                             counters.near_the_end.store(true, Ordering::Relaxed);
@@ -1975,7 +1975,7 @@ fn encode_stream(
                     enc.encode(item, &names).map_err(|e| e.to_string())?;
                     let took = t.elapsed();
                     worked[0] += took;
-                    cost.encoded(&before, &enc.stats(), took);
+                    cost.encoded(&before, enc.counts(), took);
                 }
                 Ok(None) => break,
                 Err(e) => return Err(format!("QEMU's stream: {e}")),
@@ -2007,7 +2007,7 @@ fn encode_stream(
         waited[1] += hand_on(&mut out, &tx, counters, &enc)?;
         // Stop reading QEMU while the destination is far behind: QEMU then
         // sees the rate the whole path really has.
-        let sent = enc.stats().record_bytes;
+        let sent = enc.counts().record_bytes;
         let mut last = (
             counters.done_at_destination.load(Ordering::Relaxed),
             Instant::now(),
@@ -2141,7 +2141,7 @@ fn hand_on(
     }
     let len = out.len() as u64;
     let wire = counters.wire_bytes.fetch_add(len, Ordering::Relaxed) + len;
-    counters.handed_on(wire, enc.stats().record_bytes);
+    counters.handed_on(wire, enc.counts().record_bytes);
     let chunk = std::mem::replace(out, Vec::with_capacity(2 << 20));
     let t = Instant::now();
     tx.blocking_send(chunk)

@@ -399,6 +399,12 @@ impl WireEncoder {
         self.preload_bytes
     }
 
+    /// The figures as they stand, without the derived ones: cheap enough
+    /// to take around every item.
+    pub fn counts(&self) -> &WireStats {
+        &self.stats
+    }
+
     pub fn stats(&self) -> WireStats {
         let mut s = self.stats;
         s.saved_by_compression = s
