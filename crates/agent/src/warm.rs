@@ -248,10 +248,10 @@ impl WarmImages {
         let Ok(bytes) = std::fs::metadata(image).map(|m| m.len()) else {
             return;
         };
-        let others: u64 = {
+        let others = {
             let mut held = lock(&self.held);
             held.remove(vm);
-            held.values().map(|h| h.bytes).sum()
+            total(&held)
         };
         let (available, reserve) = (host_memory_available_bytes(), reserve());
         if others + bytes > self.budget || available < bytes + reserve {
@@ -288,7 +288,7 @@ impl WarmImages {
 
     /// Bytes held in memory now.
     pub(crate) fn held_bytes(&self) -> u64 {
-        lock(&self.held).values().map(|h| h.bytes).sum()
+        total(&lock(&self.held))
     }
 
     /// Bytes that may be held.
@@ -339,6 +339,11 @@ fn reserve() -> u64 {
 
 /// The index of the main memory among a checkpoint's blocks: the block an
 /// image holds.
+/// Bytes of the held copies in `held`.
+fn total(held: &HashMap<String, HeldMemory>) -> u64 {
+    held.values().map(|h| h.bytes).sum()
+}
+
 pub(crate) fn main_block(blocks: &[dwcp_hde::BlockInfo]) -> Option<u16> {
     blocks
         .iter()

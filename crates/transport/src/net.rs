@@ -263,7 +263,7 @@ fn kernel_rtt(fd: std::os::fd::RawFd, which: KernelRtt) -> Option<Duration> {
 }
 
 /// A connection that wrote nothing for this long starts its next write
-/// with [`restart_pad`].
+/// with [`restart_pad`] (see [`restart_pad_after`]).
 const IDLE_RESTART: Duration = Duration::from_secs(1);
 
 /// The padding a connection's first write after an idle spell starts
@@ -277,6 +277,12 @@ const IDLE_RESTART: Duration = Duration::from_secs(1);
 /// for 1.2 s at 500 ms RTT, and the in-order stream with it. With two
 /// full segments in its first flight the first acknowledgement is taken
 /// at its word and nothing stalls.
+/// [`restart_pad`] for a connection whose last write was at `last_write`,
+/// if that was [`IDLE_RESTART`] ago or more.
+fn restart_pad_after(last_write: Instant, fd: std::os::fd::RawFd) -> Option<Frame> {
+    (last_write.elapsed() >= IDLE_RESTART).then(|| restart_pad(fd))
+}
+
 fn restart_pad(fd: std::os::fd::RawFd) -> Frame {
     let mss = tcp_info(fd)
         .map(|i| i.tcpi_snd_mss as usize)
@@ -938,10 +944,10 @@ async fn run_conn(inner: Arc<ClientInner>, (conn, tls): (u16, Tls)) {
                 // write_all may leave TLS records buffered in rustls: flush,
                 // or the last frames before a pause never leave.
                 if let Err(e) = async {
-                    if last_write.elapsed() >= IDLE_RESTART {
-                        let mut pad = Vec::new();
-                        restart_pad(fd).encode(&mut pad);
-                        wr.write_all(&pad).await?;
+                    if let Some(pad) = restart_pad_after(last_write, fd) {
+                        let mut bytes = Vec::new();
+                        pad.encode(&mut bytes);
+                        wr.write_all(&bytes).await?;
                     }
                     wr.write_all(&out).await?;
                     wr.flush().await
@@ -1340,9 +1346,9 @@ async fn serve_conn(
         let mut last_write = Instant::now();
         while let Some(f) = out_rx.recv().await {
             out.clear();
-            if last_write.elapsed() >= IDLE_RESTART {
-                // (`fd` is valid while `wr` is: this task owns it.)
-                restart_pad(fd).encode(&mut out);
+            // (`fd` is valid while `wr` is: this task owns it.)
+            if let Some(pad) = restart_pad_after(last_write, fd) {
+                pad.encode(&mut out);
             }
             f.encode(&mut out);
             while let Ok(more) = out_rx.try_recv() {
