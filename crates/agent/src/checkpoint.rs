@@ -466,7 +466,7 @@ struct Feeder {
     task: tokio::task::JoinHandle<Result<u64, AgentError>>,
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, HdeError> + Send + 'static,
 ) -> Result<T, AgentError> {
     tokio::task::spawn_blocking(f)

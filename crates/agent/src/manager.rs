@@ -388,14 +388,16 @@ impl Manager {
         // Replicas of VMs elsewhere: their memory is held here again (for a
         // migration of one of them here), after the VMs here took theirs.
         let pages = self.pages.clone();
-        match tokio::task::spawn_blocking(move || pages.list()).await {
-            Ok(Ok(list)) => {
+        match crate::checkpoint::blocking(move || pages.list()).await {
+            Ok(list) => {
                 let here = lock(&self.vms);
                 let replicas = list.into_iter().filter(|m| !here.contains_key(&m.vm));
                 self.warm.restore(self.pages.clone(), replicas.collect());
             }
-            Ok(Err(e)) => tracing::warn!("cannot list checkpoints to hold replicas again: {e}"),
-            Err(e) => tracing::warn!("cannot list checkpoints to hold replicas again: {e}"),
+            Err(e) => tracing::warn!(
+                "cannot list checkpoints to hold replicas again: {}",
+                format_chain(&e)
+            ),
         }
     }
 

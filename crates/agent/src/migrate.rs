@@ -1993,8 +1993,9 @@ fn encode_stream(
         }
         .map_err(|e| e.to_string())?;
         let mut flushed = !more;
-        worked[1] += t.elapsed();
-        cost.flushed((out.len() - wire_before) as u64, t.elapsed());
+        let took = t.elapsed();
+        worked[1] += took;
+        cost.flushed((out.len() - wire_before) as u64, took);
         if let Some((rate, wire_per_million)) = cost.rates() {
             counters.source_rate.store(rate, Ordering::Relaxed);
             counters

@@ -210,22 +210,23 @@ impl WarmImages {
         for m in &replicas {
             newest.insert(&m.vm, m);
         }
-        let mut wanted: Vec<(String, String, u64, u64)> = newest
-            .into_values()
+        let mut newest: Vec<_> = newest.into_values().collect();
+        newest.sort_by_key(|m| std::cmp::Reverse(m.created_unix_ms));
+        let wanted: Vec<(String, String, u64)> = newest
+            .into_iter()
             .filter(|m| m.origin.is_some())
             .filter_map(|m| {
                 let block = main_block(&m.blocks)?;
                 let size = m.blocks[block as usize].length_bytes;
-                Some((m.vm.clone(), m.id.clone(), size, m.created_unix_ms))
+                Some((m.vm.clone(), m.id.clone(), size))
             })
             .collect();
         if wanted.is_empty() || self.budget == 0 {
             return;
         }
-        wanted.sort_by_key(|w| std::cmp::Reverse(w.3));
         let me = self.clone();
         std::thread::spawn(move || {
-            for (vm, id, size, _) in wanted {
+            for (vm, id, size) in wanted {
                 let image = match me.find(&vm, &id, size) {
                     Some(path) => path,
                     None => match me.build(&store, &id) {
@@ -337,13 +338,13 @@ fn reserve() -> u64 {
     host_memory_bytes() / 8
 }
 
-/// The index of the main memory among a checkpoint's blocks: the block an
-/// image holds.
 /// Bytes of the held copies in `held`.
 fn total(held: &HashMap<String, HeldMemory>) -> u64 {
     held.values().map(|h| h.bytes).sum()
 }
 
+/// The index of the main memory among a checkpoint's blocks: the block an
+/// image holds.
 pub(crate) fn main_block(blocks: &[dwcp_hde::BlockInfo]) -> Option<u16> {
     blocks
         .iter()

@@ -266,6 +266,12 @@ fn kernel_rtt(fd: std::os::fd::RawFd, which: KernelRtt) -> Option<Duration> {
 /// with [`restart_pad`] (see [`restart_pad_after`]).
 const IDLE_RESTART: Duration = Duration::from_secs(1);
 
+/// [`restart_pad`] for a connection whose last write was at `last_write`,
+/// if that was [`IDLE_RESTART`] ago or more.
+fn restart_pad_after(last_write: Instant, fd: std::os::fd::RawFd) -> Option<Frame> {
+    (last_write.elapsed() >= IDLE_RESTART).then(|| restart_pad(fd))
+}
+
 /// The padding a connection's first write after an idle spell starts
 /// with: two full segments and a little. Linux's BBR takes a round trip
 /// sample from a lone small segment for a delayed acknowledgement and does
@@ -277,12 +283,6 @@ const IDLE_RESTART: Duration = Duration::from_secs(1);
 /// for 1.2 s at 500 ms RTT, and the in-order stream with it. With two
 /// full segments in its first flight the first acknowledgement is taken
 /// at its word and nothing stalls.
-/// [`restart_pad`] for a connection whose last write was at `last_write`,
-/// if that was [`IDLE_RESTART`] ago or more.
-fn restart_pad_after(last_write: Instant, fd: std::os::fd::RawFd) -> Option<Frame> {
-    (last_write.elapsed() >= IDLE_RESTART).then(|| restart_pad(fd))
-}
-
 fn restart_pad(fd: std::os::fd::RawFd) -> Frame {
     let mss = tcp_info(fd)
         .map(|i| i.tcpi_snd_mss as usize)
