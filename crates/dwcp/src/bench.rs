@@ -156,7 +156,7 @@ async fn one_guest(
         qemu_log: tmp.path().join("qemu.log"),
         incoming: None,
         start_paused: false,
-            memory_file: None,
+        memory_file: None,
     };
     let mut l = launch(qemu, &spec, Duration::from_secs(10)).await?;
     let result = async {

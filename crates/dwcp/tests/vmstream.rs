@@ -42,7 +42,7 @@ async fn real_multi_round_streams_rebuild_byte_for_byte() {
         qemu_log: tmp.path().join("qemu.log"),
         incoming: None,
         start_paused: false,
-            memory_file: None,
+        memory_file: None,
     };
     let bin = QemuBinary::detect("qemu-system-x86_64".as_ref())
         .await
